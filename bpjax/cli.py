@@ -1,0 +1,82 @@
+"""The command line: the only place that parses arguments.
+
+  bpjax run EXPERIMENT.py [--set key=value ...] [--workdir DIR] [--overwrite]
+  python -m bpjax run ...              the same
+  python experiments/NAME.py [...]      the same, for that file
+
+Bad input prints one line, ``error: ...``, and exits with status 2 before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bpjax.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bpjax", description="Train BP networks in parallel with JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the network an experiment file describes")
+    r.add_argument("experiment", help="path to an experiment file with get_config()")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set parallel.strategy=pmap (repeatable)",
+    )
+    r.add_argument(
+        "--workdir",
+        help="folder for config.json, metrics.jsonl, summary.json (default: runs/NAME-YYYYmmdd-HHMMSS)",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --workdir")
+    return p
+
+
+def _run(args) -> int:
+    from bpjax import config as cfg_lib
+
+    config = cfg_lib.load(args.experiment, args.overrides)
+    workdir = args.workdir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    from bpjax.train import run
+
+    result = run(config, workdir, overwrite=args.overwrite)
+    keys = (
+        "strategy",
+        "num_devices",
+        "steps",
+        "final_train_loss",
+        "eval_loss",
+        "eval_accuracy",
+        "samples_per_second",
+        "compile_seconds",
+        "wall_seconds",
+    )
+    print(json.dumps({k: result.summary[k] for k in keys}, indent=2))
+    print(f"wrote {workdir}/config.json, metrics.jsonl, summary.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": _run}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def run_experiment_file(path: str) -> None:
+    """``python experiments/NAME.py [--set ...] [--workdir ...]``: `main` with ``run NAME.py`` filled in."""
+    sys.exit(main(["run", path, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Devices and meshes.
+
+The number of CPU devices is fixed when JAX's backend starts (the first array op, not ``import jax``).
+`use_cpu_devices` sets it before that moment and refuses, with the fix, once it is too late. Meshes are
+built from ``{axis: size}`` dicts where one size may be -1, "all remaining devices" (as in MaxText).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax._src import xla_bridge
+
+from bpjax.errors import UserError
+
+
+def backend_started() -> bool:
+    """Whether JAX has already created its devices (after which their count cannot change)."""
+    return xla_bridge.backends_are_initialized()
+
+
+def use_cpu_devices(n: int) -> None:
+    """Simulate ``n`` CPU devices. Call before any JAX computation; a no-op if JAX already has ``n``.
+
+    On a machine with an accelerator this only changes the CPU platform, which strategies do not use.
+    """
+    if n < 1:
+        raise UserError(f"cpu_devices={n} must be >= 1")
+    if not backend_started():
+        jax.config.update("jax_num_cpu_devices", n)
+        return
+    if jax.default_backend() != "cpu":
+        return
+    have = len(jax.devices("cpu"))
+    if have != n:
+        raise UserError(
+            f"JAX already started with {have} CPU devices and cannot switch to {n} in this process; "
+            f"call bpjax.use_cpu_devices({n}) before any JAX work, or run in a fresh process (bpjax run)"
+        )
+
+
+def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Replace a -1 size by what the other axes leave of ``num_devices``; check the product fits."""
+    axes = dict(axes)
+    fixed = math.prod(s for s in axes.values() if s != -1)
+    free = [a for a, s in axes.items() if s == -1]
+    if len(free) > 1:
+        raise UserError("parallel.mesh may use -1 for one axis only; give the other sizes explicitly")
+    if free:
+        if num_devices % fixed:
+            raise UserError(
+                f"parallel.mesh {axes} cannot fill {num_devices} devices: {num_devices} is not divisible "
+                f"by {fixed}; choose sizes whose product divides {num_devices}"
+            )
+        axes[free[0]] = num_devices // fixed
+    need = math.prod(axes.values())
+    if need > num_devices:
+        hint = (
+            f"set parallel.cpu_devices={need} to simulate them"
+            if jax.default_backend() == "cpu"
+            else "use a smaller mesh"
+        )
+        raise UserError(f"parallel.mesh {axes} needs {need} devices but {num_devices} are present; {hint}")
+    return axes
+
+
+def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A mesh over the first ``prod(sizes)`` devices, with Auto axes so the compiler may partition."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(axes, len(devices))
+    n = math.prod(shape.values())
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto, devices=devices[:n])

@@ -1,0 +1,93 @@
+"""What a run writes and shows: ``config.json``, ``metrics.jsonl``, ``summary.json``, and progress.
+
+``metrics.jsonl`` holds one JSON object per logged step: ``step`` (training steps completed),
+``train_loss`` (the loss of that step's batch), ``train_loss_mean`` (mean since the previous line),
+``grad_norm``, ``samples_per_second`` (since the previous line, evaluation excluded), and ``eval_loss`` /
+``eval_accuracy`` on the lines where the test set was evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: non-finite floats are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: _clean(v) for k, v in obj.items()}, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLog:
+    """Collects logged rows in memory and, with a workdir, appends them to ``metrics.jsonl``."""
+
+    def __init__(self, workdir: Path | None):
+        self.rows: list[dict] = []
+        self._file = open(workdir / "metrics.jsonl", "w") if workdir else None  # noqa: SIM115
+
+    def write(self, row: dict) -> None:
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        if self._file:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal, one plain line per logged step otherwise (``mode``: auto/bar/lines/off)."""
+
+    def __init__(self, total: int, mode: str = "auto", desc: str = ""):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.total = mode, total
+        self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) if mode == "bar" else None
+
+    def advance(self, n: int) -> None:
+        if self.bar:
+            self.bar.update(n)
+
+    def log(self, row: dict) -> None:
+        if self.bar:
+            self.bar.set_postfix(
+                {k: f"{row[k]:.4g}" for k in ("train_loss", "eval_accuracy") if row.get(k) is not None}
+            )
+        elif self.mode == "lines":
+            parts = [f"step {row['step']}/{self.total}"]
+            for key, fmt in (
+                ("train_loss", "loss {:.4f}"),
+                ("eval_loss", "eval_loss {:.4f}"),
+                ("eval_accuracy", "eval_acc {:.4f}"),
+                ("samples_per_second", "{:,.0f} samples/s"),
+            ):
+                if row.get(key) is not None:
+                    parts.append(fmt.format(row[key]))
+            print("  ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()

@@ -1,0 +1,178 @@
+"""The one place where losses, gradients and the optimizer run.
+
+A `Problem` is everything about training that does not depend on devices: the model, the loss, the
+optax optimizer, the input width. Strategies lay its pure functions out over devices; they never
+compute a gradient or an update of their own. Data-parallel strategies pass a ``reduce`` function
+(e.g. ``lax.pmean`` over the data axis) that `Problem.train_step` applies to the local gradients and loss,
+so that the only difference between strategies is where arrays live and how partial results meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bpjax.models import MLP, logical_axes
+
+Params = Any
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    """What a training step carries: a step counter, the parameters and the optimizer state."""
+
+    step: jax.Array  # int32 scalar
+    params: Params
+    opt_state: optax.OptState
+
+
+def identity(tree):
+    return tree
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A BP network, its loss and optimizer: the device-independent half of a run."""
+
+    model: MLP
+    tx: optax.GradientTransformation
+    loss: str  # "cross_entropy" or "mse"
+    input_dim: int
+
+    @property
+    def param_axes(self) -> dict:
+        """Logical axis names of every parameter (see `bpjax.models.mlp`)."""
+        return logical_axes(self.model)
+
+    def init(self, key: jax.Array) -> TrainState:
+        """Initial state from a key. Flax derives each parameter's key from its name, never from devices."""
+        x = jnp.zeros((1, self.input_dim), jnp.dtype(self.model.dtype))
+        params = self.model.init(key, x)["params"]
+        return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
+
+    def predict(self, params: Params, x_BxD: jax.Array) -> jax.Array:
+        return self.model.apply({"params": params}, x_BxD).astype(jnp.float32)
+
+    def loss_fn(self, params: Params, batch: Batch) -> jax.Array:
+        """Mean loss over the batch (so a mean of equal-sized shard means is the global mean)."""
+        out = self.predict(params, batch["x"])
+        if self.loss == "cross_entropy":
+            return optax.softmax_cross_entropy_with_integer_labels(out, batch["y"]).mean()
+        return jnp.mean(jnp.square(out - batch["y"]))
+
+    def eval_metrics(self, params: Params, batch: Batch) -> Metrics:
+        """Summed (not mean) loss and correct count, so that chunks of a test set add up exactly."""
+        out = self.predict(params, batch["x"])
+        if self.loss == "cross_entropy":
+            losses = optax.softmax_cross_entropy_with_integer_labels(out, batch["y"])
+            correct = jnp.sum(jnp.argmax(out, -1) == batch["y"])
+        else:
+            losses = jnp.mean(jnp.square(out - batch["y"]), axis=-1)
+            correct = jnp.zeros((), jnp.int32)
+        return {"loss_sum": jnp.sum(losses), "correct": correct}
+
+    def train_step(
+        self, state: TrainState, batch: Batch, reduce: Callable = identity
+    ) -> tuple[TrainState, Metrics]:
+        """One step of back-propagation and an optimizer update.
+
+        ``reduce`` combines per-device gradients and losses into global ones (identity on one device or
+        where the compiler partitions the computation itself).
+        """
+        loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch)
+        loss, grads = reduce((loss, grads))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def fuse_steps(step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]):
+    """K steps in one call: ``(state, batches[K, ...]) -> (state, metrics[K])``.
+
+    K is read from the batch's leading axis at trace time. K=1 calls ``step`` directly rather than a
+    length-one scan, so that one step per call is, by construction, exactly per-step training.
+    """
+
+    def fused(state: TrainState, batches: Batch) -> tuple[TrainState, Metrics]:
+        k = jax.tree.leaves(batches)[0].shape[0]
+        if k == 1:
+            state, metrics = step(state, jax.tree.map(lambda b: b[0], batches))
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(step, state, batches)
+
+    return fused
+
+
+# -------------------------------------------------------------------------------------- from a config
+
+
+def make_schedule(cfg, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the step: a named decay after an optional linear warmup."""
+    lr, warmup = cfg.learning_rate, cfg.warmup_steps
+    end = lr * cfg.end_value_fraction
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps, end)
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.end_value_fraction)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(lr, end, decay_steps)
+    elif cfg.schedule == "exponential":
+        main = optax.exponential_decay(lr, cfg.decay_steps or decay_steps, cfg.decay_rate)
+    else:
+        raise ValueError(cfg.schedule)
+    if not warmup:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """An optax optimizer from the ``optimizer`` config section, with optional global-norm clipping."""
+    lr = make_schedule(cfg, total_steps)
+    name = cfg.name
+    if name in ("sgd", "momentum", "nesterov"):
+        momentum = cfg.momentum or None
+        if name != "sgd" and momentum is None:
+            momentum = 0.9
+        tx = optax.sgd(lr, momentum=momentum, nesterov=name == "nesterov")
+    elif name == "adam":
+        tx = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    elif name == "adamw":
+        tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif name == "rmsprop":
+        tx = optax.rmsprop(lr, eps=cfg.eps, momentum=cfg.momentum or None)
+    elif name == "adagrad":
+        tx = optax.adagrad(lr, eps=cfg.eps)
+    elif name == "lamb":
+        tx = optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif name == "lion":
+        tx = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(name)
+    if cfg.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx
+
+
+def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
+    """The `Problem` a config describes, for data of ``input_dim`` features and ``num_outputs`` outputs."""
+    m = config.model
+    model = MLP(
+        widths=(*m.hidden, num_outputs),
+        activation=m.activation,
+        dtype=m.dtype,
+        param_dtype=m.param_dtype,
+        kernel_init=m.kernel_init,
+        bias_init=m.bias_init,
+    )
+    tx = make_optimizer(config.optimizer, config.train.steps)
+    return Problem(model, tx, config.train.loss, input_dim)

@@ -1,0 +1,35 @@
+"""The strategy registry: name -> factory ``(problem, parallel_config) -> Strategy``.
+
+A new strategy is a new module plus one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from bpjax.errors import UserError
+from bpjax.step import Problem
+from bpjax.strategies import dp, pmap, single
+from bpjax.strategies.base import Strategy
+
+Factory = Callable[[Problem, object], Strategy]
+
+REGISTRY: dict[str, Factory] = {
+    "single": single.make,
+    "pmap": pmap.make,
+    "dp": dp.make,
+}
+
+
+def make(name: str, problem: Problem, parallel) -> Strategy:
+    """Build a registered strategy. Checks the mesh against the devices; compiles nothing."""
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(REGISTRY)}"
+        raise UserError(f"unknown strategy {name!r}; {hint}")
+    return REGISTRY[name](problem, parallel)
+
+
+__all__ = ["REGISTRY", "Strategy", "make"]

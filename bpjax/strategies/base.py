@@ -1,0 +1,43 @@
+"""The Strategy interface: how one training step is laid out over devices.
+
+A strategy is a small bundle of pure functions closed over its devices. The train loop, the tests and the
+notebooks use nothing else, so a new strategy is a new file plus one registry line.
+
+Contract (checked for every registered strategy by ``tests/test_equivalence.py``):
+  init(key)                   -> TrainState, already placed on the strategy's devices; the same values
+                                 as ``Problem.init(key)`` on one device, whatever the layout
+  shard_batch(batch)          -> device batch. ``batch`` is a host dict of global arrays stacked over K
+                                 steps: ``{"x": [K, B, D], "y": [K, B] or [K, B, T]}``
+  step(state, device_batch)   -> (state, metrics), compiled; runs K training steps; the input state is
+                                 donated; ``metrics`` leaves have a leading axis of K
+  gather(tree)                -> the same tree as host numpy arrays in the reference (one-device) layout;
+                                 takes a state or a metrics dict
+After n steps, ``gather(state)`` equals the ``single`` strategy's state to floating-point tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from bpjax.step import Batch, Metrics, TrainState
+
+
+class Strategy(NamedTuple):
+    """How one training step is laid out over devices. Pure functions closed over a mesh."""
+
+    name: str
+    layout: str  # one line of sharded-shape notation, e.g. "In[B_data, D] . W[D, F]"
+    devices: tuple[jax.Device, ...]
+    data_parallel: int  # how many ways each global batch is split; batch_size must divide by it
+    init: Callable[[jax.Array], TrainState]
+    shard_batch: Callable[[Batch], Batch]
+    step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    gather: Callable[[Any], Any]
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)

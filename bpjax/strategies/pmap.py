@@ -1,0 +1,72 @@
+"""``pmap``: data parallelism with ``jax.pmap`` and ``lax.pmean`` of gradients, in today's idiom.
+
+Layout: ``In[B_data, D] . W[D, F]`` with W replicated; every leaf carries a leading device axis.
+
+Since JAX 0.8, ``pmap`` is ``jit`` + ``shard_map`` underneath and in maintenance mode; this strategy is
+kept because users ask for it, and written the way the new implementation is fastest:
+  * the state is initialised *on every device* by a pmapped ``init`` from one replicated key, so full
+    parameters are never built on one device and copied;
+  * batches are placed with a ``NamedSharding`` over the pmap devices, which the new pmap takes as is;
+  * results are read with ``x.addressable_shards[0].data`` rather than ``x[0]`` (70x faster).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpjax.devices import resolve_mesh_shape
+from bpjax.errors import UserError
+from bpjax.step import Problem, fuse_steps
+from bpjax.strategies.base import Strategy
+
+AXIS = "data"
+
+
+def make(problem: Problem, parallel) -> Strategy:
+    mesh_cfg = dict(parallel.mesh)
+    extra = set(mesh_cfg) - {AXIS}
+    if extra:
+        raise UserError(f"pmap uses only a 'data' axis; remove parallel.mesh.{sorted(extra)[0]}")
+    n = resolve_mesh_shape(mesh_cfg, len(jax.devices()))[AXIS]
+    devices = tuple(jax.devices()[:n])
+    mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+    per_device = jax.sharding.NamedSharding(mesh, jax.P(AXIS))
+
+    def local_step(state, batch):
+        # Each device's loss is the mean over its B/n examples; the mean of the n equal-sized means is
+        # the global mean, and likewise for the gradients.
+        return problem.train_step(state, batch, reduce=lambda t: jax.lax.pmean(t, AXIS))
+
+    pmapped_init = jax.pmap(problem.init, axis_name=AXIS, devices=devices)
+
+    def init(key):
+        return pmapped_init(jnp.broadcast_to(key, (n,)))
+
+    def shard_batch(batch):
+        # [K, B, ...] -> [n, K, B/n, ...]: device i gets examples i*B/n .. (i+1)*B/n of every step, the
+        # same split as the jit strategies' P(None, "data").
+        def split(a):
+            a = np.asarray(a)
+            k, b = a.shape[:2]
+            a = a.reshape(k, n, b // n, *a.shape[2:]).swapaxes(0, 1)
+            return jax.device_put(a, per_device)
+
+        return jax.tree.map(split, batch)
+
+    def gather(tree):
+        # Every device holds the same values; read device 0's copy without its leading axis.
+        return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
+
+    return Strategy(
+        name="pmap",
+        layout="In[B_data, D] · W[D, F] -> Out[B_data, O]; W replicated, grads pmean'd over data",
+        devices=devices,
+        data_parallel=n,
+        init=init,
+        shard_batch=shard_batch,
+        step=jax.pmap(fuse_steps(local_step), axis_name=AXIS, devices=devices, donate_argnums=0),
+        gather=gather,
+        mesh=mesh,
+    )
