@@ -72,11 +72,11 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, cache: str = ""):
     args = get_dataset_args()
     args.num_samples = num_samples
     args.seed = seed
-    state = np.random.get_state()  # mnist1d seeds numpy's global generator; leave it as we found it
+    state = np.random.get_state()  # noqa: NPY002 -- mnist1d seeds numpy's global generator; leave it as we found it
     try:
         d = make_dataset(args)
     finally:
-        np.random.set_state(state)
+        np.random.set_state(state)  # noqa: NPY002
     arrays = dict(x=d["x"].astype(np.float32), y=d["y"].astype(np.int32))
     arrays.update(x_test=d["x_test"].astype(np.float32), y_test=d["y_test"].astype(np.int32))
     path.parent.mkdir(parents=True, exist_ok=True)
