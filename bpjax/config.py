@@ -141,6 +141,10 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = c
     for i, part in enumerate(parts):
+        if ".".join(parts[:i]) == "parallel.mesh" and i == len(parts) - 1 and part not in node:
+            with node.unlocked():  # mesh axes are an open set, checked by the strategy that reads them
+                node[part] = value
+            return
         if not isinstance(node, mlc.ConfigDict) or part not in node:
             here = ".".join(parts[:i])
             siblings = list(node.keys()) if isinstance(node, mlc.ConfigDict) else []
@@ -178,19 +182,13 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
 def apply_overrides(c: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
     """Apply ``key=value`` strings in order. The config is copied, not changed in place."""
     c = mlc.ConfigDict(c.to_dict())
-    _lock(c)
+    c.lock()
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set takes key=value, got {item!r}; e.g. --set train.steps=100")
         key, text = item.split("=", 1)
         set_value(c, key.strip(), parse_value(text.strip()))
     return c
-
-
-def _lock(c: mlc.ConfigDict) -> None:
-    c.lock()
-    # Mesh axes are a small open set (data, model, stage, ...), checked by the strategy that reads them.
-    c.parallel.mesh.unlock()
 
 
 def from_file(path: str | Path) -> mlc.ConfigDict:
@@ -234,7 +232,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> mlc.ConfigDict
 def merge_into_default(c: mlc.ConfigDict, source: str = "config") -> mlc.ConfigDict:
     """Check a config's keys against the schema and fill the missing ones with defaults."""
     base = default()
-    _lock(base)
+    base.lock()
     flat = _flatten(c.to_dict())
     for key, value in flat.items():
         try:

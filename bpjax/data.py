@@ -231,6 +231,20 @@ def standardize(x_train, x_test):
     return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
 
 
+def _check_finite(source: str, **arrays) -> None:
+    """NaN or Inf anywhere is an error, reported with the example's index in the source's own order."""
+    for label, arr in arrays.items():
+        if arr is None or not np.issubdtype(np.asarray(arr).dtype, np.number):
+            continue
+        bad = ~np.isfinite(np.asarray(arr, np.float64))
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise UserError(
+                f"{source}: {int(bad.sum())} NaN/Inf values in the {label.replace('_', ' ')} "
+                f"(first in example {row}, counting from 0); clean or impute them first"
+            )
+
+
 def _prepare(name, task, x, y, x_test, y_test, source: str) -> Dataset:
     x = np.asarray(x)
     y = np.asarray(y)
@@ -247,14 +261,6 @@ def _prepare(name, task, x, y, x_test, y_test, source: str) -> Dataset:
         raise UserError(f"{source}: train has {x.shape[1]} features but test has {x_test.shape[1]}")
     if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
         raise UserError(f"{source}: inputs and labels must be numeric, got {x.dtype} and {y.dtype}")
-    for label, arr in (("inputs", x), ("test inputs", x_test), ("labels", y), ("test labels", y_test)):
-        bad = ~np.isfinite(np.asarray(arr, np.float64))
-        if bad.any():
-            row = int(np.argwhere(bad)[0][0])
-            raise UserError(
-                f"{source}: {int(bad.sum())} NaN/Inf values in the {label} (first in row {row}); "
-                "clean or impute them first"
-            )
     if task == "classification":
         ys = np.concatenate([y.reshape(-1), np.asarray(y_test).reshape(-1)]).astype(np.float64)
         if y.ndim != 1 or (ys != np.round(ys)).any() or (ys < 0).any():
@@ -304,6 +310,9 @@ def load(cfg, seed: int) -> Dataset:
     else:
         raise UserError(f"data.name={name!r} is not known")
     source = f"data.path={cfg.path!r}" if name in ("npz", "csv", "idx") else f"data {name}"
+    if len(x) != len(y):
+        raise UserError(f"{source}: {len(x)} inputs but {len(y)} labels; each example needs one label")
+    _check_finite(source, inputs=x, labels=y, test_inputs=x_test, test_labels=y_test)
     if len(x) < 2:
         raise UserError(f"{source}: needs at least 2 examples, found {len(x)}")
     if x_test is None:

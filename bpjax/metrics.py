@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 

@@ -1,9 +1,13 @@
 """MNIST-1D 40-100-100-10, data-parallel with jax.jit over a 1-D mesh of 8 (simulated) devices.
 
 Run:      bpjax run experiments/mnist1d_dp.py      (or: python experiments/mnist1d_dp.py)
-Expected: the numbers of mnist1d_single.py (test accuracy 0.66 after 3000 steps, losses equal to
-          about 1e-5): each device takes 16 of the 128 examples, the parameters are replicated, and
-          the compiler all-reduces the gradients. This is the README's quick-start run.
+Expected: test accuracy 0.66 (+-0.01) after 3000 steps, as mnist1d_single.py.
+          Each device takes 16 of the 128 examples, the parameters are replicated, and the
+          compiler all-reduces the gradients. This is the README's quick-start run.
+          The loss curve equals single's to about 1e-7 for the first few hundred steps (tested over
+          200). After that, float32 rounding differences (the all-reduce sums the gradient in another
+          order) grow as in any long training run: measured 0.661 (single) against 0.657 (dp and pmap)
+          test accuracy at step 3000.
 """
 
 from pathlib import Path
@@ -16,7 +20,6 @@ def get_config():
     c.name = "mnist1d_dp"
     c.parallel.strategy = "dp"
     c.parallel.mesh.data = -1  # all devices
-    c.parallel.cpu_devices = 8
     return c
 
 

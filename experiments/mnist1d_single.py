@@ -23,6 +23,7 @@ def get_config():
     c.train.eval_every = 250
     c.train.log_every = 50
     c.parallel.strategy = "single"
+    c.parallel.cpu_devices = 8  # unused by single; lets the pmap and dp runs share one process with it
     return c
 
 

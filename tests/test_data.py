@@ -1,0 +1,211 @@
+import gzip
+
+import numpy as np
+import pytest
+
+from bpjax import config as cfg_lib
+from bpjax import data
+from bpjax.errors import UserError
+
+
+def data_cfg(**kw):
+    c = cfg_lib.default().data
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_mnist1d_is_generated_offline_and_cached(tmp_path, monkeypatch):
+    ds = data.load(data_cfg(name="mnist1d", num_samples=1000, cache_dir=str(tmp_path)), seed=0)
+    assert ds.x_train.shape == (800, 40) and ds.x_test.shape == (200, 40)
+    assert ds.num_outputs == 10 and ds.task == "classification"
+    assert ds.y_train.dtype == np.int32 and ds.x_train.dtype == np.float32
+    assert (tmp_path / "mnist1d-1000-42.npz").is_file()
+
+    import mnist1d.data
+
+    def no_regeneration(*a, **k):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", no_regeneration)
+    again = data.load(data_cfg(name="mnist1d", num_samples=1000, cache_dir=str(tmp_path)), seed=0)
+    np.testing.assert_array_equal(again.x_train, ds.x_train)
+
+
+def test_mnist1d_leaves_numpy_global_rng_alone(tmp_path):
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    data.mnist1d(200, 42, str(tmp_path))
+    assert np.random.rand() == expected
+
+
+def test_digits():
+    ds = data.load(data_cfg(name="digits", test_fraction=0.2), seed=0)
+    assert ds.num_features == 64 and ds.num_outputs == 10
+    assert len(ds.x_train) + len(ds.x_test) == 1797
+    assert len(ds.x_test) == round(1797 * 0.2)
+
+
+def test_standardised_on_the_training_split():
+    ds = data.load(data_cfg(name="digits"), seed=0)
+    np.testing.assert_allclose(ds.x_train.mean(0), 0, atol=1e-5)
+    std = ds.x_train.std(0)
+    assert np.all((np.abs(std - 1) < 1e-4) | (std == 0))  # constant pixels stay constant, not NaN
+    assert np.isfinite(ds.x_test).all()
+    raw = data.load(data_cfg(name="digits", standardize=False), seed=0)
+    assert raw.x_train.max() == 16
+
+
+def test_synthetic_is_seeded_and_sized():
+    a = data.load(
+        data_cfg(name="synthetic_classification", num_samples=500, num_features=7, num_classes=3), seed=1
+    )
+    b = data.load(
+        data_cfg(name="synthetic_classification", num_samples=500, num_features=7, num_classes=3), seed=1
+    )
+    c = data.load(
+        data_cfg(name="synthetic_classification", num_samples=500, num_features=7, num_classes=3), seed=2
+    )
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert not np.array_equal(a.x_train, c.x_train)
+    assert a.num_features == 7 and a.num_outputs == 3 and len(a.x_train) + len(a.x_test) == 500
+    r = data.load(
+        data_cfg(name="synthetic_regression", num_samples=300, num_features=5, num_targets=2), seed=0
+    )
+    assert r.task == "regression" and r.y_train.shape == (240, 2) and r.y_train.dtype == np.float32
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10, dtype=np.int32)
+    b = data.Batches(x, y, batch_size=3, seed=0)
+    assert b.steps_per_epoch == 3
+    epoch0 = np.concatenate([b.batch(s)["y"] for s in range(3)])
+    assert len(set(epoch0)) == 9  # no repeats inside an epoch; one example dropped
+    epoch1 = np.concatenate([b.batch(s)["y"] for s in range(3, 6)])
+    assert not np.array_equal(epoch0, epoch1)  # reshuffled every epoch
+    fresh = data.Batches(x, y, batch_size=3, seed=0)
+    np.testing.assert_array_equal(fresh.batch(4)["y"], b.batch(4)["y"])  # random access, same answer
+    stacked = b.stack(2, 3)
+    assert stacked["x"].shape == (3, 3, 1)
+    np.testing.assert_array_equal(stacked["y"][1], b.batch(3)["y"])
+    assert not np.array_equal(data.Batches(x, y, 3, seed=1).batch(0)["y"], b.batch(0)["y"])
+
+
+def test_batch_larger_than_data():
+    with pytest.raises(
+        UserError, match="train.batch_size=20 exceeds the 10 training examples; use at most 10"
+    ):
+        data.Batches(np.zeros((10, 2)), np.zeros(10), 20, 0)
+
+
+def test_npz(tmp_path):
+    p = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(p, x=rng.normal(size=(50, 3, 2)), y=rng.integers(0, 4, 50))
+    ds = data.load(data_cfg(name="npz", path=str(p)), seed=0)
+    assert ds.num_features == 6 and ds.num_outputs <= 4 and len(ds.x_test) == 10
+    np.savez(
+        p,
+        x=rng.normal(size=(50, 3)),
+        y=rng.integers(0, 4, 50),
+        x_test=rng.normal(size=(7, 3)),
+        y_test=np.arange(7) % 4,
+    )
+    ds = data.load(data_cfg(name="npz", path=str(p)), seed=0)
+    assert len(ds.x_test) == 7 and len(ds.x_train) == 50
+
+
+def test_csv_with_header_and_label_column(tmp_path):
+    p = tmp_path / "d.csv"
+    rows = ["label,a,b"] + [f"{i % 3},{i},{i * 2}" for i in range(20)]
+    p.write_text("\n".join(rows) + "\n")
+    ds = data.load(data_cfg(name="csv", path=str(p), label_column=0, standardize=False), seed=0)
+    assert ds.num_features == 2 and ds.num_outputs == 3
+    np.testing.assert_array_equal(ds.x_train[:, 1], 2 * ds.x_train[:, 0])
+    reg = data.load(data_cfg(name="csv", path=str(p), label_column=-1, task="regression"), seed=0)
+    assert reg.task == "regression" and reg.y_train.shape[1] == 1
+
+
+def write_idx(path, array, gz=False):
+    codes = {np.uint8: 0x08, np.int32: 0x0C, np.float32: 0x0D}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(payload)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_reader_on_small_files(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 4, 5), dtype=np.uint8)
+    labels = rng.integers(0, 10, 30).astype(np.uint8)
+    suffix = ".gz" if gz else ""
+    write_idx(tmp_path / f"img{suffix}", images, gz)
+    write_idx(tmp_path / f"lab{suffix}", labels, gz)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / f"img{suffix}")), images)
+    ds = data.load(
+        data_cfg(
+            name="idx",
+            path=str(tmp_path / f"img{suffix}"),
+            labels_path=str(tmp_path / f"lab{suffix}"),
+            standardize=False,
+        ),
+        seed=0,
+    )
+    assert ds.num_features == 20 and len(ds.x_train) == 24
+    write_idx(tmp_path / "timg", images[:5])
+    write_idx(tmp_path / "tlab", labels[:5])
+    ds = data.load(
+        data_cfg(
+            name="idx",
+            path=str(tmp_path / f"img{suffix}"),
+            labels_path=str(tmp_path / f"lab{suffix}"),
+            test_path=str(tmp_path / "timg"),
+            test_labels_path=str(tmp_path / "tlab"),
+        ),
+        seed=0,
+    )
+    assert len(ds.x_train) == 30 and len(ds.x_test) == 5
+    f32 = rng.normal(size=(3, 2)).astype(np.float32)
+    write_idx(tmp_path / "f32", f32)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "f32")), f32)
+
+
+def test_bad_data_files_name_the_problem(tmp_path):
+    cases = []
+    cases.append((data_cfg(name="npz", path=str(tmp_path / "nope.npz")), "no such file; check the path"))
+    cases.append((data_cfg(name="npz", path=""), "data.path is empty"))
+    (tmp_path / "junk.npz").write_text("not a zip")
+    cases.append((data_cfg(name="npz", path=str(tmp_path / "junk.npz")), "is not a readable .npz file"))
+    np.savez(tmp_path / "nox.npz", a=np.zeros(3))
+    cases.append((data_cfg(name="npz", path=str(tmp_path / "nox.npz")), "no array named 'x'"))
+    np.savez(tmp_path / "len.npz", x=np.zeros((5, 2)), y=np.zeros(4))
+    cases.append((data_cfg(name="npz", path=str(tmp_path / "len.npz")), "5 inputs but 4 labels"))
+    x = np.ones((10, 2))
+    x[3, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(10) % 2)
+    cases.append((data_cfg(name="npz", path=str(tmp_path / "nan.npz")), "NaN/Inf values in the"))
+    np.savez(tmp_path / "float.npz", x=np.ones((10, 2)), y=np.linspace(0, 1, 10))
+    cases.append((data_cfg(name="npz", path=str(tmp_path / "float.npz")), "set data.task=regression"))
+    (tmp_path / "ragged.csv").write_text("1,2,3\n4,5\n")
+    cases.append((data_cfg(name="csv", path=str(tmp_path / "ragged.csv")), "row 2 has 2 columns"))
+    (tmp_path / "text.csv").write_text("a,b\n1,2\nx,3\n")
+    cases.append((data_cfg(name="csv", path=str(tmp_path / "text.csv")), "row 2 is not numeric"))
+    (tmp_path / "bad.idx").write_bytes(b"\x01\x02\x03\x04")
+    cases.append(
+        (
+            data_cfg(name="idx", path=str(tmp_path / "bad.idx"), labels_path=str(tmp_path / "bad.idx")),
+            "bad magic number",
+        )
+    )
+    write_idx(tmp_path / "trunc.idx", np.zeros((4, 3), np.uint8))
+    (tmp_path / "trunc.idx").write_bytes((tmp_path / "trunc.idx").read_bytes()[:-2])
+    cases.append(
+        (data_cfg(name="idx", path=str(tmp_path / "trunc.idx"), labels_path="x"), "truncated or corrupt")
+    )
+    for cfg, message in cases:
+        with pytest.raises(UserError) as e:
+            data.load(cfg, seed=0)
+        assert message in str(e.value), (message, str(e.value))

@@ -1,0 +1,48 @@
+"""Every experiment file runs a few steps, with its own strategy, in this process (8 devices)."""
+
+from pathlib import Path
+
+import pytest
+
+import bpjax
+from bpjax import config as cfg_lib
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.py"))
+
+
+def test_experiments_exist():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"mnist1d_single", "mnist1d_pmap", "mnist1d_dp", "digits_dp", "synthetic"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_runs_a_few_steps(path):
+    doc = path.read_text()
+    assert '"""' in doc and "Run:" in doc and "Expected:" in doc, (
+        f"{path.name}: docstring needs Run: and Expected:"
+    )
+    assert 'if __name__ == "__main__":' in doc, f"{path.name}: must run itself with python {path}"
+    c = cfg_lib.load(path)
+    k = c.train.steps_per_call
+    c = cfg_lib.load(
+        path, [f"train.steps={4 * k}", f"train.eval_every={2 * k}", "train.log_every=2", "train.progress=off"]
+    )
+    result = bpjax.run(c)
+    assert result.summary["steps"] == 4 * k
+    assert result.summary["strategy"] == c.parallel.strategy
+    assert result.summary["eval_loss"] is not None
+
+
+def test_mnist1d_data_parallel_curves_equal_single_over_200_steps():
+    """The experiments' docstrings promise this; it also catches errors too small for 6 steps to show."""
+    import numpy as np
+
+    curves = {}
+    for name in ("single", "pmap", "dp"):
+        c = cfg_lib.load(
+            EXPERIMENTS[0].with_name(f"mnist1d_{name}.py"),
+            ["train.steps=200", "train.eval_every=200", "train.log_every=10", "train.progress=off"],
+        )
+        curves[name] = bpjax.run(c).series("train_loss")[1]
+    for name in ("pmap", "dp"):
+        np.testing.assert_allclose(curves[name], curves["single"], rtol=1e-5, err_msg=name)
