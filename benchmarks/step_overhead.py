@@ -2,7 +2,7 @@
 
 Run (8 simulated CPU devices are set up by the script itself):
 
-    python benchmarks/step_overhead.py                      # full run, a few minutes on 2 cores
+    python benchmarks/step_overhead.py                      # full run, about 1.5 min on 2 cores
     python benchmarks/step_overhead.py --quick              # smoke test, under a minute
     python benchmarks/step_overhead.py --hidden 1024,1024 --batch 512 --json out.json
 
@@ -13,7 +13,7 @@ Three measurements, all on synthetic MNIST-1D-shaped data (40 features, 10 class
                 ``jax.jit`` step of the same net started from the same parameters (``dp``'s baseline uses
                 a NamedSharding over an 8-device ``data`` mesh: batch sharded, parameters replicated).
                 ratio = bpjax time per step / hand-written time per step; <= 1.02 is the target, above
-                it bpjax adds work of its own (it also returns a step counter and the gradient norm).
+                it bpjax adds work of its own (it also counts steps and returns the loss of each step).
   2. scaling    samples/s of ``pmap`` and ``dp`` on all devices / samples/s of ``single`` on one, same
                 global batch. Simulated CPU devices share the machine's cores, so < 1 is expected there;
                 it says what the collectives cost, not what real devices would gain.

@@ -2,7 +2,7 @@
 
 ``metrics.jsonl`` holds one JSON object per logged step: ``step`` (training steps completed),
 ``train_loss`` (the loss of that step's batch), ``train_loss_mean`` (mean since the previous line),
-``grad_norm``, ``samples_per_second`` (since the previous line, evaluation excluded), and ``eval_loss`` /
+``samples_per_second`` (since the previous line, evaluation excluded), and ``eval_loss`` /
 ``eval_accuracy`` on the lines where the test set was evaluated.
 """
 

@@ -189,7 +189,6 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
                     "step": done,
                     "train_loss": float(host["loss"][-1]),
                     "train_loss_mean": float(losses.mean()),
-                    "grad_norm": float(host["grad_norm"][-1]),
                     "samples_per_second": window_steps * t.batch_size / max(window_seconds, 1e-9),
                 }
                 if eval_now:

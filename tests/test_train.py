@@ -121,21 +121,25 @@ def test_every_optimizer_trains(optimizer):
 
 
 @pytest.mark.parametrize("schedule", sorted(cfg_lib.SCHEDULES))
-def test_schedules(schedule):
+def test_schedules_warm_up_then_decay(schedule):
     from bpjax.step import make_schedule
 
     c = small_config(
-        **{
-            "optimizer.schedule": schedule,
-            "optimizer.warmup_steps": 5 if schedule != "constant" else 0,
-            "optimizer.end_value_fraction": 0.1,
-        }
+        **{"optimizer.schedule": schedule, "optimizer.warmup_steps": 5, "optimizer.end_value_fraction": 0.1}
     )
     lr = make_schedule(c.optimizer, 20)
-    assert float(lr(0)) <= 1e-3 + 1e-12
-    if schedule != "constant":
-        assert float(lr(5)) == pytest.approx(1e-3, rel=1e-5)
+    assert float(lr(0)) == 0.0
+    assert float(lr(5)) == pytest.approx(1e-3, rel=1e-5)
+    if schedule == "constant":
+        assert float(lr(20)) == pytest.approx(1e-3, rel=1e-5)
+    else:
         assert float(lr(20)) < 1e-3
+
+
+def test_constant_rate_is_a_plain_float():
+    from bpjax.step import make_schedule
+
+    assert make_schedule(small_config().optimizer, 20) == 1e-3
 
 
 def test_clipping_bounds_the_update():
