@@ -11,14 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
-from jax._src import xla_bridge
 
 from bpjax.errors import UserError
-
-
-def backend_started() -> bool:
-    """Whether JAX has already created its devices (after which their count cannot change)."""
-    return xla_bridge.backends_are_initialized()
 
 
 def use_cpu_devices(n: int) -> None:
@@ -28,9 +22,13 @@ def use_cpu_devices(n: int) -> None:
     """
     if n < 1:
         raise UserError(f"cpu_devices={n} must be >= 1")
-    if not backend_started():
+    try:
+        # JAX refuses this option once its backends exist; that refusal is how we detect "too late"
+        # without reaching into JAX's private modules.
         jax.config.update("jax_num_cpu_devices", n)
         return
+    except RuntimeError:
+        pass
     if jax.default_backend() != "cpu":
         return
     have = len(jax.devices("cpu"))
