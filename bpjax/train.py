@@ -61,8 +61,7 @@ def prepare(config: mlc.ConfigDict) -> Setup:
     """Validate ``config`` against the schema, the data and the devices; build the strategy (no compile)."""
     config = cfg_lib.merge_into_default(config)
     cfg_lib.validate(config)
-    if config.parallel.strategy not in strategies.REGISTRY:
-        strategies.make(config.parallel.strategy, None, config.parallel)  # raises with a suggestion
+    strategies.get(config.parallel.strategy)  # an unknown name fails here, before any data is loaded
     if config.parallel.cpu_devices:
         use_cpu_devices(config.parallel.cpu_devices)
     ds = data_lib.load(config.data, config.seed)

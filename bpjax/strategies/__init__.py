@@ -5,6 +5,7 @@ A new strategy is a new module plus one line here.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 from bpjax.errors import UserError
@@ -21,15 +22,18 @@ REGISTRY: dict[str, Factory] = {
 }
 
 
-def make(name: str, problem: Problem, parallel) -> Strategy:
-    """Build a registered strategy. Checks the mesh against the devices; compiles nothing."""
+def get(name: str) -> Factory:
+    """The factory registered as ``name``, or a one-line error suggesting the closest name."""
     if name not in REGISTRY:
-        import difflib
-
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(REGISTRY)}"
         raise UserError(f"unknown strategy {name!r}; {hint}")
-    return REGISTRY[name](problem, parallel)
+    return REGISTRY[name]
 
 
-__all__ = ["REGISTRY", "Strategy", "make"]
+def make(name: str, problem: Problem, parallel) -> Strategy:
+    """Build a registered strategy. Checks the mesh against the devices; compiles nothing."""
+    return get(name)(problem, parallel)
+
+
+__all__ = ["REGISTRY", "Strategy", "get", "make"]

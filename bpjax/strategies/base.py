@@ -8,8 +8,10 @@ Contract (checked for every registered strategy by ``tests/test_equivalence.py``
                                  as ``Problem.init(key)`` on one device, whatever the layout
   shard_batch(batch)          -> device batch. ``batch`` is a host dict of global arrays stacked over K
                                  steps: ``{"x": [K, B, D], "y": [K, B] or [K, B, T]}``
-  step(state, device_batch)   -> (state, metrics), compiled; runs K training steps; the input state is
-                                 donated; ``metrics`` leaves have a leading axis of K
+  step(state, device_batch)   -> (state, metrics): a ``jax.jit`` or ``jax.pmap`` function (the loop
+                                 compiles it ahead of time with ``.lower().compile()``); runs K
+                                 training steps; donates the input state; ``metrics`` leaves have a
+                                 leading axis of K (after ``gather``)
   gather(tree)                -> the same tree as host numpy arrays in the reference (one-device) layout;
                                  takes a state or a metrics dict
 After n steps, ``gather(state)`` equals the ``single`` strategy's state to floating-point tolerance.
