@@ -111,6 +111,10 @@ def default() -> mlc.ConfigDict:
     c.parallel.strategy = "single"
     c.parallel.mesh = mlc.ConfigDict({"data": -1})  # axis -> size; -1 is "all remaining devices"
     c.parallel.cpu_devices = 0  # >0: simulate this many CPU devices (must be set before JAX starts)
+    c.parallel.replicate = ()  # tensor / hybrid: layers kept whole on every device, e.g. ("layer_2",)
+    c.parallel.hybrid_data = "dp"  # hybrid: the data axis replicates parameters (dp) or shards them (fsdp)
+    c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
+    c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
     return c
 
 
@@ -325,5 +329,8 @@ def validate(c: mlc.ConfigDict) -> None:
             raise UserError(
                 f"parallel.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)"
             )
+    _choice(c.parallel.hybrid_data, ("dp", "fsdp"), "parallel.hybrid_data")
+    if c.parallel.microbatches < 1:
+        raise UserError(f"parallel.microbatches={c.parallel.microbatches} must be >= 1")
     if list(c.parallel.mesh.values()).count(-1) > 1:
         raise UserError("parallel.mesh may use -1 for one axis only; give the other sizes explicitly")
