@@ -39,6 +39,29 @@ def use_cpu_devices(n: int) -> None:
         )
 
 
+def mesh_axes(mesh_cfg: Mapping[str, int], axes: Sequence[str], strategy: str) -> dict[str, int]:
+    """The sizes a strategy lays out over, from ``parallel.mesh``.
+
+    Axes the strategy does not use are ignored when their size is 1 or -1 (so ``--set
+    parallel.strategy=tensor`` works on a data-parallel experiment) and an error when larger. One
+    missing axis takes the remaining devices unless another axis already does.
+    """
+    for axis, size in mesh_cfg.items():
+        if axis not in axes and size not in (1, -1):
+            raise UserError(
+                f"{strategy} lays out over mesh axes {tuple(axes)}; remove parallel.mesh.{axis}={size} "
+                f"or set it to 1"
+            )
+    sizes = {a: mesh_cfg[a] for a in axes if a in mesh_cfg}
+    missing = [a for a in axes if a not in sizes]
+    if len(missing) == 1 and -1 not in sizes.values():
+        sizes[missing[0]] = -1
+    elif missing:
+        example = " ".join(f"--set parallel.mesh.{a}=2" for a in missing)
+        raise UserError(f"{strategy} needs the size of mesh axes {missing}; e.g. {example}")
+    return {a: sizes[a] for a in axes}
+
+
 def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Replace a -1 size by what the other axes leave of ``num_devices``; check the product fits."""
     axes = dict(axes)

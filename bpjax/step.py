@@ -87,11 +87,14 @@ class Problem:
         """
         loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch)
         loss, grads = reduce((loss, grads))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         # Only the loss: on small nets every extra reduction (a gradient norm costs ~10% of a step on
         # CPU, measured by benchmarks/step_overhead.py) shows in the time per step.
-        return TrainState(state.step + 1, params, opt_state), {"loss": loss}
+        return self.apply_gradients(state, grads), {"loss": loss}
+
+    def apply_gradients(self, state: TrainState, grads: Params) -> TrainState:
+        """The optimizer half of a step, for strategies that compute the gradients their own way."""
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
 
 
 def fuse_steps(step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]):

@@ -18,14 +18,25 @@ from bpjax.step import make_problem
 from bpjax.testing import assert_trees_close, train_steps
 
 STEPS = 6
-RTOL, ATOL = 1e-5, 1e-7  # ATOL relative to each leaf's largest entry (see assert_trees_close)
+RTOL, ATOL = 1e-5, 1e-6  # ATOL is relative to each leaf's largest entry (a few float32 ulps of it)
 
-# Mesh settings per strategy: every strategy must list its degenerate setting too. A strategy added to
+# Settings per strategy: mesh axis sizes, plus other ``parallel`` options (OPTIONS) where a strategy
+# has them. Every strategy lists its degenerate setting too (a mesh of size 1). A strategy added to
 # the registry without an entry here fails test_every_strategy_has_mesh_settings.
+OPTIONS = ("hybrid_data", "microbatches", "stages", "replicate")
 MESHES = {
     "single": [{}],
     "pmap": [{"data": 8}, {"data": 4}, {"data": 1}],
     "dp": [{"data": 8}, {"data": 4}, {"data": 1}],
+    "fsdp": [{"data": 8}, {"data": 4}, {"data": 1}],
+    "tensor": [{"model": 8}, {"model": 4}, {"model": 8, "replicate": ("layer_1",)}, {"model": 1}],
+    "hybrid": [
+        {"data": 2, "model": 4},
+        {"data": 4, "model": 2},
+        {"data": 2, "model": 4, "hybrid_data": "fsdp"},
+        {"data": 4, "model": 2, "hybrid_data": "fsdp"},
+        {"data": 1, "model": 1},
+    ],
 }
 CASES = [(name, mesh) for name in sorted(strategies.REGISTRY) for mesh in MESHES.get(name, [])]
 
@@ -49,9 +60,13 @@ def dataset():
     return data.load(make_config().data, seed=0)
 
 
-def setup(dataset, optimizer="adam", mesh=None):
+def setup(dataset, optimizer="adam", settings=None):
     c = make_config(optimizer)
-    c.parallel.mesh = mesh or {"data": 1}
+    settings = dict(settings or {"data": 1})
+    for key in OPTIONS:
+        if key in settings:
+            c.parallel[key] = settings.pop(key)
+    c.parallel.mesh = settings
     problem = make_problem(c, dataset.num_features, dataset.num_outputs)
     return c, problem, data.Batches(dataset.x_train, dataset.y_train, c.train.batch_size, c.seed)
 
@@ -75,8 +90,8 @@ def test_every_strategy_has_mesh_settings():
 def test_matches_single_device(name, mesh, optimizer, dataset, references):
     c, problem, batches = setup(dataset, optimizer, mesh)
     strategy = strategies.make(name, problem, c.parallel)
-    if mesh:
-        assert strategy.num_devices == int(np.prod(list(mesh.values())))
+    sizes = [v for k, v in mesh.items() if k not in OPTIONS]
+    assert strategy.num_devices == int(np.prod(sizes))
     init, final, losses = train_steps(strategy, batches, STEPS)
     ref_init, ref_final, ref_losses = references[optimizer]
     assert_trees_close(init, ref_init, rtol=0, atol=0, what=f"{name} init")

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpjax.devices import resolve_mesh_shape
-from bpjax.errors import UserError
+from bpjax.devices import mesh_axes, resolve_mesh_shape
 from bpjax.step import Problem, fuse_steps
 from bpjax.strategies.base import Strategy
 
@@ -25,11 +24,7 @@ AXIS = "data"
 
 
 def make(problem: Problem, parallel) -> Strategy:
-    mesh_cfg = dict(parallel.mesh)
-    extra = set(mesh_cfg) - {AXIS}
-    if extra:
-        raise UserError(f"pmap uses only a 'data' axis; remove parallel.mesh.{sorted(extra)[0]}")
-    n = resolve_mesh_shape(mesh_cfg, len(jax.devices()))[AXIS]
+    n = resolve_mesh_shape(mesh_axes(dict(parallel.mesh), (AXIS,), "pmap"), len(jax.devices()))[AXIS]
     devices = tuple(jax.devices()[:n])
     mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
     per_device = jax.sharding.NamedSharding(mesh, jax.P(AXIS))

@@ -1,0 +1,29 @@
+"""``tensor``: Megatron-style intra-layer (tensor) parallelism on a ``model`` mesh axis.
+
+Layout: ``In[B, D] · W0[D, H_model] -> H[B, H_model] · W1[H_model, D'] -> (all-reduce) Out[B, D']``.
+
+The rule ``hidden_a -> model`` shards the outputs of layers 0, 2, 4, ... (column-parallel) and with them
+the inputs of layers 1, 3, 5, ... (row-parallel), so each pair of layers needs one all-reduce of
+activations forward and one backward (none for the first layer's input). Biases follow their outputs.
+``parallel.replicate`` keeps named layers whole (e.g. a small output layer); a width the ``model`` size
+does not divide is an error that names the layer and the options.
+"""
+
+from __future__ import annotations
+
+from bpjax.step import Problem
+from bpjax.strategies.base import Strategy
+from bpjax.strategies.rules import TENSOR
+from bpjax.strategies.sharded import rule_based
+
+
+def make(problem: Problem, parallel) -> Strategy:
+    return rule_based(
+        "tensor",
+        "In[B, D] · W_even[D, F_model] -> H[B, F_model] · W_odd[F_model, D'] -> all-reduce -> Out[B, D']",
+        problem,
+        parallel,
+        TENSOR,
+        axes=("model",),
+        strict=("model",),
+    )
