@@ -1,6 +1,7 @@
 """The command line: the only place that parses arguments.
 
   bpjax run EXPERIMENT.py [--set key=value ...] [--workdir DIR] [--overwrite]
+  bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled]
   python -m bpjax run ...              the same
   python experiments/NAME.py [...]      the same, for that file
 
@@ -36,6 +37,21 @@ def _parser() -> argparse.ArgumentParser:
         help="folder for config.json, metrics.jsonl, summary.json (default: runs/NAME-YYYYmmdd-HHMMSS)",
     )
     r.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --workdir")
+    pl = sub.add_parser("plan", help="explain the layout of an experiment without training")
+    pl.add_argument("experiment", help="path to an experiment file with get_config()")
+    pl.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable)",
+    )
+    pl.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also compile one step and compare with the collectives and memory the compiler emits",
+    )
     return p
 
 
@@ -64,10 +80,25 @@ def _run(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from bpjax import config as cfg_lib
+    from bpjax.plan import compare, make_plan
+    from bpjax.train import prepare
+
+    config = cfg_lib.load(args.experiment, args.overrides)
+    setup = prepare(config)
+    plan = make_plan(config, setup)
+    print(plan.table())
+    if args.compiled:
+        print()
+        print(compare(plan, setup))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run}[args.command](args)
+        return {"run": _run, "plan": _plan}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -4,7 +4,8 @@ tensor parallelism within ``model``.
 Layout (``parallel.hybrid_data = "dp"``): ``In[B_data, D] · W_even[D, F_model] · W_odd[F_model, D']``,
 W replicated over ``data``.
 Layout (``"fsdp"``): the same, with each kernel's other dimension also stored sharded over ``data``
-(``W_even[D_data, F_model]``) and gathered over ``data`` for use.
+(``W_even[D_data, F_model]``); the compiler gathers it for use. On CPU it then all-reduces the gradients
+rather than reduce-scattering them, and moves 1.1-1.2x the minimum bytes (``bpjax plan --compiled``).
 
 Mesh sizes come from the experiment, e.g. ``parallel.mesh = {"data": 2, "model": 4}``; -1 means "all
 remaining devices".
@@ -29,5 +30,4 @@ def make(problem: Problem, parallel) -> Strategy:
         HYBRID_FSDP if fsdp else HYBRID_DP,
         axes=("data", "model"),
         strict=("model",),
-        gather_axis="data" if fsdp else None,
     )
