@@ -82,13 +82,16 @@ def _run(args) -> int:
 
 def _plan(args) -> int:
     from bpjax import config as cfg_lib
-    from bpjax.plan import compare, make_plan
+    from bpjax.plan import compare, make_plan, per_device_bytes
     from bpjax.train import prepare
 
     config = cfg_lib.load(args.experiment, args.overrides)
     setup = prepare(config)
     plan = make_plan(config, setup)
     print(plan.table())
+    budget = config.parallel.memory_budget_mb
+    need = per_device_bytes(plan) / 2**20
+    print(f"per device during a step: {need:.1f} MiB" + (f" of a {budget:g} MiB budget" if budget else ""))
     if args.compiled:
         print()
         print(compare(plan, setup))

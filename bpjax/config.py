@@ -115,6 +115,7 @@ def default() -> mlc.ConfigDict:
     c.parallel.hybrid_data = "dp"  # hybrid: the data axis replicates parameters (dp) or shards them (fsdp)
     c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
     c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
+    c.parallel.memory_budget_mb = 0.0  # >0: refuse layouts whose planned bytes per device exceed this
     return c
 
 
@@ -236,8 +237,11 @@ def load(path: str | Path, overrides: list[str] | None = None) -> mlc.ConfigDict
 def merge_into_default(c: mlc.ConfigDict, source: str = "config") -> mlc.ConfigDict:
     """Check a config's keys against the schema and fill the missing ones with defaults."""
     base = default()
+    d = c.to_dict()
+    if "mesh" in d.get("parallel", {}):  # a config's mesh replaces the default one, axes and all
+        base.parallel.mesh = mlc.ConfigDict({})
     base.lock()
-    flat = _flatten(c.to_dict())
+    flat = _flatten(d)
     for key, value in flat.items():
         try:
             set_value(base, key, value)
@@ -330,6 +334,8 @@ def validate(c: mlc.ConfigDict) -> None:
                 f"parallel.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)"
             )
     _choice(c.parallel.hybrid_data, ("dp", "fsdp"), "parallel.hybrid_data")
+    if c.parallel.memory_budget_mb < 0:
+        raise UserError(f"parallel.memory_budget_mb={c.parallel.memory_budget_mb} must be >= 0 (0: no check)")
     if c.parallel.microbatches < 1:
         raise UserError(f"parallel.microbatches={c.parallel.microbatches} must be >= 1")
     if list(c.parallel.mesh.values()).count(-1) > 1:

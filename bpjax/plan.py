@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from bpjax import hlo
+from bpjax.errors import UserError
 from bpjax.models import describe
 from bpjax.models.mlp import layer_name
 from bpjax.train import Setup, prepare
@@ -312,3 +313,20 @@ def compare(plan: Plan, setup: Setup) -> str:
     if abs(ratio - 1) > 0.05:
         lines.append(f"the compiler moves {ratio:.2f}x the predicted bytes (see the notes above)")
     return "\n".join(lines)
+
+
+def per_device_bytes(plan: Plan) -> int:
+    """What one device holds during a step: stored state, gradients, activations and the batch."""
+    t = plan.totals
+    return int(plan.state_bytes + t["grad_bytes"] + t["act_bytes"] + plan.batch_bytes)
+
+
+def check_memory_budget(plan: Plan, budget_mb: float) -> None:
+    """A one-line error, before anything is compiled, when the plan needs more than the budget."""
+    need = per_device_bytes(plan)
+    if budget_mb and need > budget_mb * 2**20:
+        raise UserError(
+            f"{plan.strategy} needs {need / 2**20:.1f} MiB per device (parameters, gradients, optimizer "
+            f"state, activations) but parallel.memory_budget_mb={budget_mb:g}; shard the model "
+            "(fsdp, tensor, hybrid, pipeline), use more devices, or raise the budget"
+        )

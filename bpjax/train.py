@@ -135,6 +135,10 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
       UserError: before anything is compiled or written, for any bad input.
     """
     setup = prepare(config)
+    if setup.config.parallel.memory_budget_mb:
+        from bpjax.plan import check_memory_budget, make_plan
+
+        check_memory_budget(make_plan(setup.config, setup), setup.config.parallel.memory_budget_mb)
     config, ds, problem, strategy, batches = (
         setup.config,
         setup.dataset,

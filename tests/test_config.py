@@ -1,6 +1,7 @@
 import pytest
 
 from bpjax import config as cfg_lib
+from bpjax import strategies
 from bpjax.errors import UserError
 
 
@@ -14,7 +15,7 @@ def test_every_experiment_file_loads(root):
     for f in files:
         c = cfg_lib.load(f)
         assert c.name == f.stem
-        assert c.parallel.strategy in ("single", "pmap", "dp")
+        assert c.parallel.strategy in strategies.REGISTRY
 
 
 def test_overrides_parse_literals_and_coerce_types(root):
@@ -88,6 +89,7 @@ def test_bad_overrides_name_the_fix(override, message):
         ("train.eval_every=30", "train.eval_every=30 is not a multiple of train.steps_per_call=20"),
         ("parallel.mesh.data=0", "parallel.mesh.data=0 must be a positive integer or -1"),
         ("parallel.mesh.model=-1", "-1 for one axis only"),
+        ("parallel.memory_budget_mb=-1", "parallel.memory_budget_mb=-1.0 must be >= 0"),
         ("optimizer.warmup_steps=5000", "optimizer.warmup_steps=5000 must be in [0, train.steps=1000)"),
     ],
 )

@@ -13,6 +13,7 @@ EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob(
 def test_experiments_exist():
     names = {p.stem for p in EXPERIMENTS}
     assert {"mnist1d_single", "mnist1d_pmap", "mnist1d_dp", "digits_dp", "synthetic"} <= names
+    assert {"mnist1d_tensor", "mnist1d_fsdp", "mnist1d_hybrid", "wide_synthetic"} <= names
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -46,3 +47,18 @@ def test_mnist1d_data_parallel_curves_equal_single_over_200_steps():
         curves[name] = bpjax.run(c).series("train_loss")[1]
     for name in ("pmap", "dp"):
         np.testing.assert_allclose(curves[name], curves["single"], rtol=1e-5, err_msg=name)
+
+
+def test_wide_synthetic_does_not_fit_under_dp():
+    """The wide experiment's point: dp's memory plan exceeds the per-device budget; tensor's fits."""
+    from bpjax.errors import UserError
+    from bpjax.plan import check_memory_budget, make_plan, per_device_bytes
+
+    path = EXPERIMENTS[0].with_name("wide_synthetic.py")
+    budget = cfg_lib.load(path).parallel.memory_budget_mb
+    for name, fits in (("dp", False), ("pmap", False), ("tensor", True), ("fsdp", True)):
+        plan = make_plan(cfg_lib.load(path, [f"parallel.strategy={name}"]))
+        assert (per_device_bytes(plan) <= budget * 2**20) == fits, name
+        if not fits:
+            with pytest.raises(UserError, match=f"{name} needs .* MiB per device"):
+                check_memory_budget(plan, budget)
