@@ -248,9 +248,10 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
         out += tensor
     if name == "hybrid" and data > 1 and config.parallel.hybrid_data == "fsdp":
         notes.append(
-            "hybrid with fsdp: the compiler gathers the parameters itself and all-reduces (not "
-            "reduce-scatters) the gradients; on CPU it moved 1.09x (data=2 x model=4) and 1.24x "
-            "(data=4 x model=2) these bytes, and twice the wire bytes of the gradient step"
+            "hybrid with fsdp: the compiler chooses how to gather the parameters and reduce the "
+            "gradients, and can move more than this minimum (XLA:CPU all-reduced instead of "
+            "reduce-scattering on a 24-64-48-10 net: 1.09x at data=2 x model=4, 1.24x at data=4 x "
+            "model=2; 1.00x on 64-512-256-128-10); check with --compiled"
         )
     if name in ("fsdp", "hybrid") and data > 1:
         gathered = name == "fsdp" or config.parallel.hybrid_data == "fsdp"
