@@ -37,6 +37,7 @@ MESHES = {
         {"data": 4, "model": 2, "hybrid_data": "fsdp"},
         {"data": 1, "model": 1},
     ],
+    "pipeline": [{"stage": 3, "microbatches": 4}, {"stage": 2}, {"stage": 1}],
 }
 CASES = [(name, mesh) for name in sorted(strategies.REGISTRY) for mesh in MESHES.get(name, [])]
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from bpjax.errors import UserError
 from bpjax.step import Problem
-from bpjax.strategies import dp, fsdp, hybrid, pmap, single, tensor
+from bpjax.strategies import dp, fsdp, hybrid, pipeline, pmap, single, tensor
 from bpjax.strategies.base import Strategy
 
 Factory = Callable[[Problem, object], Strategy]
@@ -19,6 +19,7 @@ REGISTRY: dict[str, Factory] = {
     "single": single.make,
     "pmap": pmap.make,
     "dp": dp.make,
+    "pipeline": pipeline.make,
     "fsdp": fsdp.make,
     "tensor": tensor.make,
     "hybrid": hybrid.make,
