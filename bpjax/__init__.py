@@ -16,6 +16,7 @@ from bpjax.data import load as load_data
 from bpjax.devices import make_mesh, use_cpu_devices
 from bpjax.errors import UserError
 from bpjax.models import MLP, logical_axes
+from bpjax.plan import Plan, make_plan
 from bpjax.step import Problem, TrainState, make_problem
 from bpjax.strategies import REGISTRY, Strategy
 from bpjax.train import RunResult, prepare, run
@@ -35,6 +36,8 @@ __all__ = [
     "load_data",
     "logical_axes",
     "make_mesh",
+    "make_plan",
+    "Plan",
     "make_problem",
     "prepare",
     "run",
