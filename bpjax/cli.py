@@ -22,32 +22,30 @@ from bpjax.errors import UserError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bpjax", description="Train BP networks in parallel with JAX.")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train the network an experiment file describes")
-    r.add_argument("experiment", help="path to an experiment file with get_config()")
-    r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set parallel.strategy=pmap (repeatable)",
-    )
-    r.add_argument(
+    commands = {
+        "run": "train the network an experiment file describes",
+        "plan": "explain the layout of an experiment without training",
+    }
+    parsers = {}
+    for name, text in commands.items():
+        parsers[name] = sub.add_parser(name, help=text)
+        parsers[name].add_argument("experiment", help="path to an experiment file with get_config()")
+        parsers[name].add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field, e.g. --set parallel.strategy=pmap (repeatable)",
+        )
+    parsers["run"].add_argument(
         "--workdir",
         help="folder for config.json, metrics.jsonl, summary.json (default: runs/NAME-YYYYmmdd-HHMMSS)",
     )
-    r.add_argument("--overwrite", action="store_true", help="replace an earlier run's files in --workdir")
-    pl = sub.add_parser("plan", help="explain the layout of an experiment without training")
-    pl.add_argument("experiment", help="path to an experiment file with get_config()")
-    pl.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
+    parsers["run"].add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run's files in --workdir"
     )
-    pl.add_argument(
+    parsers["plan"].add_argument(
         "--compiled",
         action="store_true",
         help="also compile one step and compare with the collectives and memory the compiler emits",
