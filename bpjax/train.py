@@ -77,6 +77,12 @@ def prepare(config: mlc.ConfigDict) -> Setup:
             f"train.batch_size={b} is not divisible by {n} data-parallel devices; "
             f"use a multiple of {n} such as {max(b // n, 1) * n}"
         )
+    if b % strategy.microbatches:
+        m = strategy.microbatches
+        raise UserError(
+            f"train.batch_size={b} is not divisible by parallel.microbatches={m}; "
+            f"use batch_size={max(b // m, 1) * m} or a divisor of {b} as microbatches"
+        )
     batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
     return Setup(config, ds, problem, strategy, batches)
 

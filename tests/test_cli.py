@@ -116,6 +116,38 @@ BAD_INPUT = [
     ),
     (["--set", "train.steps_per_call=7"], "train.steps=3000 is not a multiple of train.steps_per_call=7"),
     (["--set", "parallel.mesh.model=2"], "dp lays out over mesh axes ('data',); remove parallel.mesh.model"),
+    (
+        [
+            "--set",
+            "parallel.strategy=pipeline",
+            "--set",
+            "parallel.mesh.stage=3",
+            "--set",
+            "parallel.microbatches=5",
+        ],
+        "train.batch_size=128 is not divisible by parallel.microbatches=5",
+    ),
+    (
+        ["--set", "parallel.strategy=tensor", "--set", "parallel.mesh.model=8"],
+        "layer_0.kernel: hidden_a width 100 is not divisible by the model axis of size 8",
+    ),
+    (["--set", "parallel.strategy=hybrid"], "hybrid needs the size of mesh axes ['model']"),
+    (
+        ["--set", "parallel.strategy=pipeline", "--set", "parallel.mesh.stage=4"],
+        "4 pipeline stages for a net of 3 layers",
+    ),
+    (
+        [
+            "--set",
+            "parallel.strategy=pipeline",
+            "--set",
+            "parallel.mesh.stage=3",
+            "--set",
+            "optimizer.name=lamb",
+        ],
+        "lamb's per-layer trust ratio",
+    ),
+    (["--set", "parallel.memory_budget_mb=0.01"], "dp needs 0.2 MiB per device"),
 ]
 
 

@@ -39,6 +39,7 @@ class Strategy(NamedTuple):
     step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
     gather: Callable[[Any], Any]
     mesh: jax.sharding.Mesh | None = None
+    microbatches: int = 1  # pipeline: each global batch is also split into this many microbatches
 
     @property
     def num_devices(self) -> int:

@@ -389,6 +389,7 @@ def make(problem: Problem, parallel) -> Strategy:
         ),
         gather=gather,
         mesh=mesh,
+        microbatches=M,
     )
 
 
