@@ -164,16 +164,15 @@ def make_plan(config, setup: Setup | None = None) -> Plan:
     """The plan of the strategy ``config`` selects (nothing is compiled or allocated)."""
     setup = setup or prepare(config)
     problem, strategy, config = setup.problem, setup.strategy, setup.config
-    stacked = strategy.name == "pmap"  # pmap's leaves carry a leading device axis
     shapes = jax.eval_shape(strategy.init, jax.random.key(0))
+    if strategy.name == "pipeline":
+        return _pipeline_plan(setup, shapes)
+    stacked = strategy.name == "pmap"  # pmap's leaves carry a leading device axis
     mesh = dict(strategy.mesh.shape) if strategy.mesh is not None else {}
     b_local = config.train.batch_size // strategy.data_parallel
     widths = [setup.dataset.num_features, *problem.model.widths]
     act_itemsize = jnp.dtype(problem.model.dtype).itemsize
     opt_bytes = _opt_bytes_by_param(problem, shapes.opt_state, stacked)
-
-    if strategy.name == "pipeline":
-        return _pipeline_plan(setup, shapes)
     layers = []
     for i in range(len(problem.model.widths)):
         name = layer_name(i)
