@@ -112,6 +112,7 @@ def default() -> mlc.ConfigDict:
     c.parallel.mesh = mlc.ConfigDict({"data": -1})  # axis -> size; -1 is "all remaining devices"
     c.parallel.cpu_devices = 0  # >0: simulate this many CPU devices (must be set before JAX starts)
     c.parallel.replicate = ()  # tensor / hybrid: layers kept whole on every device, e.g. ("layer_2",)
+    c.parallel.partition = "sample"  # dp: cut the data by samples, features, or both (hybrid)
     c.parallel.hybrid_data = "dp"  # hybrid: the data axis replicates parameters (dp) or shards them (fsdp)
     c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
     c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
@@ -334,6 +335,7 @@ def validate(c: mlc.ConfigDict) -> None:
                 f"parallel.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)"
             )
     _choice(c.parallel.hybrid_data, ("dp", "fsdp"), "parallel.hybrid_data")
+    _choice(c.parallel.partition, ("sample", "feature", "hybrid"), "parallel.partition")
     if c.parallel.memory_budget_mb < 0:
         raise UserError(f"parallel.memory_budget_mb={c.parallel.memory_budget_mb} must be >= 0 (0: no check)")
     if c.parallel.microbatches < 1:

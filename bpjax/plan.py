@@ -147,6 +147,12 @@ def _local_bytes(struct, stacked: bool) -> int:
     return math.prod(shape) * np.dtype(struct.dtype).itemsize
 
 
+def _batch_bytes(setup: Setup) -> int:
+    """Bytes of one step's batch on one device, as the strategy lays it out (one small batch placed)."""
+    placed = setup.strategy.shard_batch(setup.batches.stack(0, 1))
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed))
+
+
 def _opt_bytes_by_param(problem, opt_shapes, stacked: bool) -> dict[tuple[str, str], int]:
     """Per-device optimizer-state bytes of each (layer, parameter): the leaves that mirror it."""
     local = optax.tree_map_params(
@@ -193,7 +199,6 @@ def make_plan(config, setup: Setup | None = None) -> Plan:
             )
         )
     collectives, notes = predicted_collectives(strategy.name, config, problem, shapes, mesh, b_local, widths)
-    batch = setup.batches.stack(0, 1)
     return Plan(
         strategy=strategy.name,
         layout=strategy.layout,
@@ -203,7 +208,7 @@ def make_plan(config, setup: Setup | None = None) -> Plan:
         layers=layers,
         collectives=collectives,
         state_bytes=sum(_local_bytes(leaf, stacked) for leaf in jax.tree.leaves(shapes)),
-        batch_bytes=sum(b.nbytes // b.shape[1] * b_local for b in batch.values()),
+        batch_bytes=_batch_bytes(setup),
         notes=notes,
     )
 
@@ -258,7 +263,6 @@ def _pipeline_plan(setup: Setup, shapes) -> Plan:
         f"cross stages padded to the widest boundary; parameters per device are the largest stage, padded "
         "(see state as stored)"
     ]
-    batch_arrays = setup.batches.stack(0, 1)
     return Plan(
         strategy=strategy.name,
         layout=strategy.layout,
@@ -268,7 +272,7 @@ def _pipeline_plan(setup: Setup, shapes) -> Plan:
         layers=layers,
         collectives=collectives,
         state_bytes=sum(_local_bytes(leaf, False) for leaf in jax.tree.leaves(shapes)),
-        batch_bytes=sum(b.nbytes for b in batch_arrays.values()),  # replicated over stages
+        batch_bytes=_batch_bytes(setup),
         notes=notes,
     )
 
@@ -310,8 +314,19 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
     """The collectives one step needs at the minimum: ``(collectives, notes)``."""
     out: list[Collective] = []
     notes: list[str] = []
-    data, model = mesh.get("data", 1), mesh.get("model", 1)
+    data, model, feature = mesh.get("data", 1), mesh.get("model", 1), mesh.get("feature", 1)
 
+    if name == "dp" and feature > 1:  # feature partitioning: the first layer's partial products
+        act = jnp.dtype(problem.model.dtype).itemsize
+        out.append(
+            Collective(
+                "all-reduce",
+                "feature",
+                feature,
+                b_local * widths[1] * act,
+                "layer_0 forward (sum over features)",
+            )
+        )
     if name in ("pmap", "dp") and data > 1:
         total = sum(_local_bytes(s, name == "pmap") for s in jax.tree.leaves(shapes.params))
         out.append(

@@ -23,11 +23,18 @@ RTOL, ATOL = 1e-5, 1e-6  # ATOL is relative to each leaf's largest entry (a few 
 # Settings per strategy: mesh axis sizes, plus other ``parallel`` options (OPTIONS) where a strategy
 # has them. Every strategy lists its degenerate setting too (a mesh of size 1). A strategy added to
 # the registry without an entry here fails test_every_strategy_has_mesh_settings.
-OPTIONS = ("hybrid_data", "microbatches", "stages", "replicate")
+OPTIONS = ("hybrid_data", "microbatches", "stages", "replicate", "partition")
 MESHES = {
     "single": [{}],
     "pmap": [{"data": 8}, {"data": 4}, {"data": 1}],
-    "dp": [{"data": 8}, {"data": 4}, {"data": 1}],
+    "dp": [
+        {"data": 8},
+        {"data": 4},
+        {"data": 1},
+        {"feature": 8, "partition": "feature"},
+        {"data": 2, "feature": 4, "partition": "hybrid"},
+        {"feature": 1, "partition": "feature"},
+    ],
     "fsdp": [{"data": 8}, {"data": 4}, {"data": 1}],
     "tensor": [{"model": 8}, {"model": 4}, {"model": 8, "replicate": ("layer_1",)}, {"model": 1}],
     "hybrid": [

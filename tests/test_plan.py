@@ -18,6 +18,8 @@ CASES = [
     ("tensor", {"model": 4}),
     ("hybrid", {"data": 2, "model": 4}),
     ("hybrid", {"data": 4, "model": 2}),
+    ("dp", {"feature": 8, "partition": "feature"}),
+    ("dp", {"data": 2, "feature": 4, "partition": "hybrid"}),
     ("pipeline", {"stage": 2}),
     ("pipeline", {"stage": 4, "microbatches": 4}),
 ]
@@ -32,8 +34,9 @@ def make_config(name, mesh, **parallel):
     c.train.batch_size = 64
     c.parallel.strategy = name
     mesh = dict(mesh)
-    if "microbatches" in mesh:
-        c.parallel.microbatches = mesh.pop("microbatches")
+    for option in ("microbatches", "partition"):
+        if option in mesh:
+            c.parallel[option] = mesh.pop(option)
     c.parallel.mesh = mesh
     for k, v in parallel.items():
         c.parallel[k] = v

@@ -30,6 +30,10 @@ FSDP: Rules = DATA_PARALLEL + tuple((name, "data") for name in ("hidden_a", "hid
 # Megatron tensor parallelism: ``hidden_a`` (outputs of layers 0, 2, ...) over ``model`` makes layers
 # 0, 2, ... column-parallel and 1, 3, ... row-parallel, one all-reduce per pair.
 TENSOR: Rules = (("hidden_a", "model"),)
+# Feature partitioning: each device holds a slice of the input features and the matching rows of the
+# first layer's kernel; the partial products are summed (an all-reduce of the first layer's output).
+FEATURE: Rules = (("input", "feature"),)
+SAMPLE_FEATURE: Rules = DATA_PARALLEL + FEATURE
 HYBRID_DP: Rules = DATA_PARALLEL + TENSOR
 # FSDP x tensor: ``model`` takes hidden_a first, ``data`` takes the other dimension of each kernel.
 HYBRID_FSDP: Rules = (
@@ -93,6 +97,14 @@ def param_specs(problem, rules: Rules, mesh_shape: Mapping[str, int], replicate=
 
 
 def batch_specs(rules: Rules, mesh_shape: Mapping[str, int], y_ndim: int) -> dict[str, jax.P]:
-    """Specs of a stacked batch ``{"x": [K, B, D], "y": [K, B(, T)]}``: B over the ``batch`` rule's axis."""
-    axis = next((m for logical, m in rules if logical == "batch" and m in mesh_shape), None)
-    return {"x": jax.P(None, axis), "y": jax.P(None, axis, *([None] * (y_ndim - 1)))}
+    """Specs of a stacked batch ``{"x": [K, B, D], "y": [K, B(, T)]}``: B over the ``batch`` rule's
+    axis, D over the ``input`` rule's axis (feature partitioning)."""
+
+    def axis(logical, taken=None):
+        return next((m for name, m in rules if name == logical and m in mesh_shape and m != taken), None)
+
+    batch = axis("batch")
+    # An axis already splitting the examples cannot split the features too (fsdp's ``input -> data``
+    # rule is about the first kernel, not the batch).
+    features = axis("input", taken=batch)
+    return {"x": jax.P(None, batch, features), "y": jax.P(None, batch, *([None] * (y_ndim - 1)))}
