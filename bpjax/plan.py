@@ -332,6 +332,24 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
         out.append(
             Collective("all-reduce", "data", data, total + 4, "gradients and loss (one fused all-reduce)")
         )
+    if name == "local_sgd" and data > 1:
+        H = config.parallel.local_steps
+        floats = [
+            x
+            for x in jax.tree.leaves((shapes.params, shapes.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.floating)
+        ]
+        out.append(
+            Collective(
+                "all-reduce",
+                "data",
+                data,
+                sum(_local_bytes(x, False) for x in floats),
+                f"parameters and optimizer state, averaged once every {H} step(s)",
+            )
+        )
+        out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
+        notes.append(f"the averaging runs on 1 step in {H}; per step that is {1 / H:.2f} of its bytes")
     if name in ("tensor", "hybrid") and model > 1:
         tensor, notes = _tensor_collectives(problem, shapes, model, b_local, widths)
         out += tensor

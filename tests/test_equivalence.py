@@ -23,7 +23,7 @@ RTOL, ATOL = 1e-5, 1e-6  # ATOL is relative to each leaf's largest entry (a few 
 # Settings per strategy: mesh axis sizes, plus other ``parallel`` options (OPTIONS) where a strategy
 # has them. Every strategy lists its degenerate setting too (a mesh of size 1). A strategy added to
 # the registry without an entry here fails test_every_strategy_has_mesh_settings.
-OPTIONS = ("hybrid_data", "microbatches", "stages", "replicate", "partition")
+OPTIONS = ("hybrid_data", "microbatches", "stages", "replicate", "partition", "local_steps")
 MESHES = {
     "single": [{}],
     "pmap": [{"data": 8}, {"data": 4}, {"data": 1}],
@@ -51,13 +51,21 @@ MESHES = {
         {"stage": 2},
         {"stage": 1},
     ],
+    # H=1: local SGD averages after every step, which is synchronous dp for a linear optimizer.
+    "local_sgd": [
+        {"data": 8, "local_steps": 1},
+        {"data": 4, "local_steps": 1},
+        {"data": 1, "local_steps": 1},
+    ],
 }
+# Optimizers per strategy, where not every one applies (local_sgd refuses non-linear updates).
+OPTIMIZERS = {"local_sgd": ("momentum",)}
 # Adam on every setting; SGD with momentum (a different optimizer state) on each strategy's first one.
 CASES = [
     (name, mesh, optimizer)
     for name in sorted(strategies.REGISTRY)
     for i, mesh in enumerate(MESHES.get(name, []))
-    for optimizer in (("adam", "momentum") if i == 0 else ("adam",))
+    for optimizer in OPTIMIZERS.get(name, ("adam", "momentum"))[: None if i == 0 else 1]
 ]
 
 
@@ -127,7 +135,7 @@ def test_matches_single_device(name, mesh, optimizer, dataset, references):
 @pytest.mark.parametrize("name", sorted(strategies.REGISTRY))
 def test_fused_steps_match_single_steps(name, dataset):
     """K steps per call (lax.scan) give the per-step results; K=1 is per-step training by construction."""
-    c, problem, batches = setup(dataset, "adam", MESHES[name][0])
+    c, problem, batches = setup(dataset, OPTIMIZERS.get(name, ("adam",))[0], MESHES[name][0])
     strategy = strategies.make(name, problem, c.parallel)
     _, per_step, per_step_losses = train_steps(strategy, batches, STEPS, k=1)
     _, fused, fused_losses = train_steps(strategy, batches, STEPS, k=3)

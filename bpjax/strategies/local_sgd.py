@@ -1,0 +1,124 @@
+"""``local_sgd``: W workers each take H optimizer steps on their own shard of every batch, then average.
+
+Layout: ``In[B_data, D] · W_w[D, F]``: every worker w holds its own copy of the parameters and optimizer
+state (stacked ``[W, ...]``, sharded over ``data``); every ``parallel.local_steps`` = H steps the copies
+(and their optimizer states) are replaced by their mean, one all-reduce per H steps instead of per step.
+
+Per worker, inside a ``shard_map`` over ``data``: the gradient of the local loss (no pmean: the point of
+local SGD is that workers do not agree every step) and the worker's own optimizer update; then, on
+steps that are multiples of H, ``pmean`` of the parameters and of the optimizer state. With H=1 and a
+linear optimizer (sgd, momentum, nesterov) this is exactly synchronous dp: the mean of the W updates
+from the same point is the update with the mean gradient. With Adam it is not, even at H=1 (the mean of
+W normalised updates is not the normalised mean update), nor with global-norm clipping; bpjax refuses
+such optimizers here (a probe checks that the update is linear in the gradient) rather than train
+something other than what the user compares against.
+
+``gather`` returns the mean of the workers' copies: the consensus model, equal to every copy right
+after an averaging step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpjax.devices import make_mesh, mesh_axes
+from bpjax.errors import UserError
+from bpjax.step import Problem, TrainState, fuse_steps
+from bpjax.strategies.base import Strategy
+
+AXIS = "data"
+LINEAR = ("sgd", "momentum", "nesterov")
+
+
+def _is_linear(tx) -> bool:
+    """Whether ``tx``'s update is linear in the gradients (then averaging W updates = one averaged)."""
+    p = {"w": np.array([0.5, -2.0, 3.0], np.float32)}
+    ga, gb = {"w": np.array([0.1, 0.3, -5.0], np.float32)}, {"w": np.array([-0.2, 0.05, 1.0], np.float32)}
+    mean = {"w": (ga["w"] + gb["w"]) / 2}
+
+    @jax.jit
+    def two_updates(g):
+        state = tx.init(p)
+        out = []
+        for _ in range(2):
+            u, state = tx.update(g, state, p)
+            out.append(u["w"])
+        return jnp.stack(out)
+
+    a, b, m = jax.device_get((two_updates(ga), two_updates(gb), two_updates(mean)))
+    return bool(np.allclose((a + b) / 2, m, rtol=1e-5, atol=1e-7))
+
+
+def make(problem: Problem, parallel) -> Strategy:
+    H = int(parallel.get("local_steps", 1))
+    if H < 1:
+        raise UserError(f"parallel.local_steps={H} must be >= 1")
+    if not _is_linear(problem.tx):
+        raise UserError(
+            "local_sgd averages parameters, which matches synchronous training only when the update is "
+            f"linear in the gradient; use optimizer.name={' / '.join(LINEAR)} without clip_norm"
+        )
+    mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "local_sgd"))
+    W = mesh.shape[AXIS]
+    per_worker = jax.sharding.NamedSharding(mesh, jax.P(AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def init(key):
+        state = problem.init(key)
+        copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (W, *x.shape)), (state.params, state.opt_state))
+        return TrainState(state.step, *copies)
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    state_sh = TrainState(replicated, *jax.tree.map(lambda _: per_worker, (shapes.params, shapes.opt_state)))
+
+    def average(tree):
+        return jax.tree.map(
+            lambda x: jax.lax.pmean(x, AXIS) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+        )
+
+    def worker_step(step, params_1x, opt_1x, batch):
+        params, opt_state = jax.tree.map(lambda x: x[0], (params_1x, opt_1x))
+        loss, grads = jax.value_and_grad(problem.loss_fn)(params, batch)
+        new = problem.apply_gradients(TrainState(step, params, opt_state), grads)
+        # Every device has the same step counter, so all take the same branch of the cond.
+        params, opt_state = jax.lax.cond(new.step % H == 0, average, lambda t: t, (new.params, new.opt_state))
+        copies = jax.tree.map(lambda x: x[None], (params, opt_state))
+        return new.step, *copies, jax.lax.pmean(loss, AXIS)
+
+    def step(state: TrainState, batch):
+        specs = jax.tree.map(lambda _: jax.P(AXIS), (state.params, state.opt_state))
+        new_step, params, opt_state, loss = jax.shard_map(
+            worker_step,
+            mesh=mesh,
+            in_specs=(jax.P(), *specs, jax.tree.map(lambda _: jax.P(AXIS), batch)),
+            out_specs=(jax.P(), *specs, jax.P()),
+            check_vma=False,  # nothing here is differentiated across the shard_map boundary
+        )(state.step, state.params, state.opt_state, batch)
+        return TrainState(new_step, params, opt_state), {"loss": loss}
+
+    def consensus(x):
+        # A worker-stacked leaf (state, or the params alone) becomes the mean of the copies, accumulated
+        # in float64 so that identical copies (right after averaging) come back exactly; others as is.
+        stacked = isinstance(x, jax.Array) and x.sharding == per_worker
+        x = np.asarray(jax.device_get(x))
+        if not stacked:
+            return x
+        return x.mean(0, dtype=np.float64).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else x[0]
+
+    def gather(tree):
+        return jax.tree.map(consensus, tree)
+
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, AXIS))
+    return Strategy(
+        name="local_sgd",
+        layout=f"In[B_data, D] · W_w[D, F] per worker w; copies averaged every {H} step(s)",
+        devices=tuple(mesh.devices.flat),
+        data_parallel=W,
+        init=jax.jit(init, out_shardings=state_sh),
+        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
+        step=jax.jit(fuse_steps(step), out_shardings=(state_sh, replicated), donate_argnums=0),
+        gather=gather,
+        mesh=mesh,
+    )
