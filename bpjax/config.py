@@ -114,6 +114,8 @@ def default() -> mlc.ConfigDict:
     c.parallel.replicate = ()  # tensor / hybrid: layers kept whole on every device, e.g. ("layer_2",)
     c.parallel.partition = "sample"  # dp: cut the data by samples, features, or both (hybrid)
     c.parallel.hybrid_data = "dp"  # hybrid: the data axis replicates parameters (dp) or shards them (fsdp)
+    c.parallel.staleness = 0  # async: gradient delay tau (or its bound s with random_staleness); 0 is dp
+    c.parallel.random_staleness = False  # async: draw tau per step and worker uniformly from [0, s]
     c.parallel.local_steps = 1  # local_sgd: optimizer steps each worker takes between averaging (H)
     c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
     c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
@@ -339,6 +341,8 @@ def validate(c: mlc.ConfigDict) -> None:
     _choice(c.parallel.partition, ("sample", "feature", "hybrid"), "parallel.partition")
     if c.parallel.memory_budget_mb < 0:
         raise UserError(f"parallel.memory_budget_mb={c.parallel.memory_budget_mb} must be >= 0 (0: no check)")
+    if c.parallel.staleness < 0:
+        raise UserError(f"parallel.staleness={c.parallel.staleness} must be >= 0 (0 is synchronous dp)")
     if c.parallel.local_steps < 1:
         raise UserError(f"parallel.local_steps={c.parallel.local_steps} must be >= 1")
     if c.parallel.microbatches < 1:

@@ -170,7 +170,8 @@ def make_plan(config, setup: Setup | None = None) -> Plan:
     """The plan of the strategy ``config`` selects (nothing is compiled or allocated)."""
     setup = setup or prepare(config)
     problem, strategy, config = setup.problem, setup.strategy, setup.config
-    shapes = jax.eval_shape(strategy.init, jax.random.key(0))
+    full_shapes = jax.eval_shape(strategy.init, jax.random.key(0))
+    shapes = getattr(full_shapes, "train", full_shapes)  # async keeps a TrainState plus a history
     if strategy.name == "pipeline":
         return _pipeline_plan(setup, shapes)
     stacked = strategy.name == "pmap"  # pmap's leaves carry a leading device axis
@@ -207,7 +208,7 @@ def make_plan(config, setup: Setup | None = None) -> Plan:
         batch_size=config.train.batch_size,
         layers=layers,
         collectives=collectives,
-        state_bytes=sum(_local_bytes(leaf, stacked) for leaf in jax.tree.leaves(shapes)),
+        state_bytes=sum(_local_bytes(leaf, stacked) for leaf in jax.tree.leaves(full_shapes)),
         batch_bytes=_batch_bytes(setup),
         notes=notes,
     )
@@ -327,7 +328,12 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
                 "layer_0 forward (sum over features)",
             )
         )
-    if name in ("pmap", "dp") and data > 1:
+    if name == "async" and config.parallel.staleness:
+        notes.append(
+            f"async keeps {config.parallel.staleness + 1} versions of the parameters on every device "
+            "(see state as stored); the gradients are all-reduced every step, as in dp"
+        )
+    if name in ("pmap", "dp", "async") and data > 1:
         total = sum(_local_bytes(s, name == "pmap") for s in jax.tree.leaves(shapes.params))
         out.append(
             Collective("all-reduce", "data", data, total + 4, "gradients and loss (one fused all-reduce)")

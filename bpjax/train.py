@@ -201,7 +201,7 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
                     "samples_per_second": window_steps * t.batch_size / max(window_seconds, 1e-9),
                 }
                 if eval_now:
-                    row.update(evaluate(strategy.gather(state.params)))
+                    row.update(evaluate(strategy.gather(state).params))
                 log.write(row)
                 progress.log(row)
                 window_seconds, window_steps, window_losses = 0.0, 0, []

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from bpjax.errors import UserError
 from bpjax.step import Problem
-from bpjax.strategies import dp, fsdp, hybrid, local_sgd, pipeline, pmap, single, tensor
+from bpjax.strategies import async_sgd, dp, fsdp, hybrid, local_sgd, pipeline, pmap, single, tensor
 from bpjax.strategies.base import Strategy
 
 Factory = Callable[[Problem, object], Strategy]
@@ -24,6 +24,7 @@ REGISTRY: dict[str, Factory] = {
     "tensor": tensor.make,
     "hybrid": hybrid.make,
     "local_sgd": local_sgd.make,
+    "async": async_sgd.make,
 }
 
 

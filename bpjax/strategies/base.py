@@ -4,16 +4,17 @@ A strategy is a small bundle of pure functions closed over its devices. The trai
 notebooks use nothing else, so a new strategy is a new file plus one registry line.
 
 Contract (checked for every registered strategy by ``tests/test_equivalence.py``):
-  init(key)                   -> TrainState, already placed on the strategy's devices; the same values
-                                 as ``Problem.init(key)`` on one device, whatever the layout
+  init(key)                   -> the strategy's state (a TrainState, or a pytree holding one plus
+                                 extras such as async's parameter history), already placed on its
+                                 devices; ``gather`` of it equals ``Problem.init(key)`` on one device
   shard_batch(batch)          -> device batch. ``batch`` is a host dict of global arrays stacked over K
                                  steps: ``{"x": [K, B, D], "y": [K, B] or [K, B, T]}``
   step(state, device_batch)   -> (state, metrics): a ``jax.jit`` or ``jax.pmap`` function (the loop
                                  compiles it ahead of time with ``.lower().compile()``); runs K
                                  training steps; donates the input state; ``metrics`` leaves have a
                                  leading axis of K (after ``gather``)
-  gather(tree)                -> the same tree as host numpy arrays in the reference (one-device) layout;
-                                 takes a state or a metrics dict
+  gather(tree)                -> host numpy arrays in the reference (one-device) layout: a state gives
+                                 a TrainState shaped like ``Problem.init``'s; a metrics dict, itself
 After n steps, ``gather(state)`` equals the ``single`` strategy's state to floating-point tolerance.
 """
 

@@ -1,0 +1,105 @@
+"""``async``: asynchronous data parallelism with stale gradients, simulated deterministically.
+
+Layout: ``In[B_data, D] · W_{t-tau_w}[D, F]``: worker w computes its gradient on the parameters of step
+``t - tau_w(t)``; W replicated, with the last ``s+1`` versions kept in a ring buffer.
+
+Real asynchronous SGD (Downpour, Hogwild) is nondeterministic: a worker's gradient arrives some steps
+after the parameters it was computed on were read, and that delay depends on timing. bpjax makes the
+delay an experimental variable instead. At step t, worker w reads the parameters of version
+``max(t - tau_w(t), 0)``, computes the gradient of its shard of the batch there, and the mean of the W
+stale gradients is applied, in worker order, as one optimizer update to the current parameters (so a
+step still consumes one global batch). The delays are either fixed (``parallel.staleness = tau``) or,
+with ``parallel.random_staleness``, drawn per step and worker uniformly from ``[0, s]`` with
+``s = parallel.staleness`` (the stale-synchronous-parallel bound), from a fixed key folded with the
+step and the worker: runs are bit-identical. With tau = 0 every worker reads the
+current parameters and this is synchronous dp exactly.
+
+Everything runs inside one ``shard_map`` over ``data``: each device picks its version from the ring
+buffer (a replicated ``[s+1, ...]`` copy of the parameters: s+1 times dp's parameter memory), takes its
+gradient, and ``pmean`` averages the W gradients.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpjax.devices import make_mesh, mesh_axes
+from bpjax.errors import UserError
+from bpjax.step import Problem, TrainState, fuse_steps
+from bpjax.strategies.base import Strategy
+
+AXIS = "data"
+
+
+class AsyncState(NamedTuple):
+    """The train state plus the last ``s+1`` parameter versions; version v is at ``v % (s+1)``."""
+
+    train: TrainState
+    history: object  # params tree, each leaf [s+1, ...]
+
+
+def delays(step: jax.Array, worker: jax.Array, staleness: int, random: bool, seed: int = 0) -> jax.Array:
+    """tau_w(t): fixed ``staleness``, or uniform in ``[0, staleness]`` from (seed, step, worker)."""
+    if not random or staleness == 0:
+        return jnp.asarray(staleness, jnp.int32)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), worker)
+    return jax.random.randint(key, (), 0, staleness + 1, dtype=jnp.int32)
+
+
+def make(problem: Problem, parallel) -> Strategy:
+    s = int(parallel.get("staleness", 0))
+    random = bool(parallel.get("random_staleness", False))
+    if s < 0:
+        raise UserError(f"parallel.staleness={s} must be >= 0 (0 is synchronous dp)")
+    mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "async"))
+    W = mesh.shape[AXIS]
+    slots = s + 1
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def init(key):
+        state = problem.init(key)
+        history = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots, *x.shape)), state.params)
+        return AsyncState(state, history)
+
+    def worker_grads(step, history, batch):
+        w = jax.lax.axis_index(AXIS)
+        version = jnp.maximum(step - delays(step, w, s, random), 0)
+        stale = jax.tree.map(lambda h: h[version % slots], history)
+        loss, grads = jax.value_and_grad(problem.loss_fn)(stale, batch)
+        # Worker order is fixed, so the mean (and the run) is deterministic.
+        return jax.lax.pmean((loss, grads), AXIS)
+
+    def step(state: AsyncState, batch):
+        train = state.train
+        loss, grads = jax.shard_map(
+            worker_grads,
+            mesh=mesh,
+            in_specs=(jax.P(), jax.P(), jax.tree.map(lambda _: jax.P(AXIS), batch)),
+            out_specs=jax.P(),
+            check_vma=False,  # the gradient is taken inside, on each device's own version
+        )(train.step, state.history, batch)
+        new = problem.apply_gradients(train, grads)
+        history = jax.tree.map(lambda h, p: h.at[new.step % slots].set(p), state.history, new.params)
+        return AsyncState(new, history), {"loss": loss}
+
+    def gather(tree):
+        tree = jax.tree.map(np.asarray, jax.device_get(tree))
+        return tree.train if isinstance(tree, AsyncState) else tree
+
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, AXIS))
+    kind = f"uniform in [0, {s}]" if random and s else f"{s}"
+    return Strategy(
+        name="async",
+        layout=f"In[B_data, D] · W_(t-tau)[D, F], tau {kind}; W and {slots} version(s) replicated",
+        devices=tuple(mesh.devices.flat),
+        data_parallel=W,
+        init=jax.jit(init, out_shardings=replicated),
+        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
+        step=jax.jit(fuse_steps(step), out_shardings=(replicated, replicated), donate_argnums=0),
+        gather=gather,
+        mesh=mesh,
+    )
