@@ -116,6 +116,8 @@ def default() -> mlc.ConfigDict:
     c.parallel.hybrid_data = "dp"  # hybrid: the data axis replicates parameters (dp) or shards them (fsdp)
     c.parallel.staleness = 0  # async: gradient delay tau (or its bound s with random_staleness); 0 is dp
     c.parallel.random_staleness = False  # async: draw tau per step and worker uniformly from [0, s]
+    c.parallel.n_push = 1  # param_server: workers push accumulated gradients every n_push steps
+    c.parallel.n_fetch = 1  # param_server: workers pull the parameters every n_fetch steps
     c.parallel.local_steps = 1  # local_sgd: optimizer steps each worker takes between averaging (H)
     c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
     c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
@@ -343,6 +345,8 @@ def validate(c: mlc.ConfigDict) -> None:
         raise UserError(f"parallel.memory_budget_mb={c.parallel.memory_budget_mb} must be >= 0 (0: no check)")
     if c.parallel.staleness < 0:
         raise UserError(f"parallel.staleness={c.parallel.staleness} must be >= 0 (0 is synchronous dp)")
+    if c.parallel.n_push < 1 or c.parallel.n_fetch < 1:
+        raise UserError("parallel.n_push and parallel.n_fetch must be >= 1 (1 and 1 is synchronous dp)")
     if c.parallel.local_steps < 1:
         raise UserError(f"parallel.local_steps={c.parallel.local_steps} must be >= 1")
     if c.parallel.microbatches < 1:

@@ -338,6 +338,33 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
         out.append(
             Collective("all-reduce", "data", data, total + 4, "gradients and loss (one fused all-reduce)")
         )
+    if name == "param_server" and data > 1:
+        p = config.parallel
+        sharded = [leaf for leaf in jax.tree.leaves(shapes.params) if "data" in tuple(leaf.sharding.spec)]
+        whole = [leaf for leaf in jax.tree.leaves(shapes.params) if "data" not in tuple(leaf.sharding.spec)]
+        full = lambda leaves: sum(_local_bytes(x, False) * (data if x in sharded else 1) for x in leaves)  # noqa: E731
+        push, pull = f"once every {p.n_push} step(s)", f"once every {p.n_fetch} step(s)"
+        out.append(
+            Collective(
+                "reduce-scatter", "data", data, full(sharded), f"push: gradients to the server shards, {push}"
+            )
+        )
+        if whole:
+            out.append(
+                Collective(
+                    "all-reduce", "data", data, full(whole), f"push: gradients of unsplit parameters, {push}"
+                )
+            )
+        out.append(
+            Collective(
+                "all-gather", "data", data, full(sharded), f"fetch: parameters from the server, {pull}"
+            )
+        )
+        out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
+        notes.append(
+            "param_server's pushes and fetches run under a condition; the compiler may add its own copies "
+            "(compare with --compiled)"
+        )
     if name == "local_sgd" and data > 1:
         H = config.parallel.local_steps
         floats = [

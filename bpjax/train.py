@@ -170,7 +170,7 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
 
     progress = Progress(t.steps, t.progress, desc=f"{config.name} [{strategy.name}]")
     train_seconds = 0.0  # time spent in training calls, evaluation and logging excluded
-    window_seconds, window_steps, window_losses = 0.0, 0, []  # since the last logged row
+    window_seconds, window_steps, window_metrics = 0.0, 0, []  # since the last logged row
     chunk_start = time.perf_counter()  # since the last sync
     last_sync = 0
     row: dict[str, Any] = {}
@@ -180,7 +180,7 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
             state, metrics = step_fn(state, batch)
             done = (call + 1) * k
             window_steps += k
-            window_losses.append(metrics["loss"])
+            window_metrics.append(metrics)
             progress.advance(k)
             log_now = done == t.steps or (t.log_every and (done // t.log_every) > ((done - k) // t.log_every))
             eval_now = done == t.steps or (t.eval_every and done % t.eval_every == 0)
@@ -193,18 +193,24 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
             train_seconds += elapsed
             window_seconds += elapsed
             if log_now or eval_now:
-                losses = np.concatenate([np.asarray(strategy.gather(x)).reshape(-1) for x in window_losses])
+                window = [strategy.gather(m) for m in window_metrics]
+                means = {
+                    key: float(np.concatenate([np.reshape(m[key], -1) for m in window]).mean())
+                    for key in host
+                }
                 row = {
                     "step": done,
                     "train_loss": float(host["loss"][-1]),
-                    "train_loss_mean": float(losses.mean()),
+                    "train_loss_mean": means.pop("loss"),
                     "samples_per_second": window_steps * t.batch_size / max(window_seconds, 1e-9),
                 }
+                # A strategy's own metrics (param_server: bytes_pushed, bytes_pulled), per step.
+                row.update({f"{key}_per_step": value for key, value in means.items()})
                 if eval_now:
                     row.update(evaluate(strategy.gather(state).params))
                 log.write(row)
                 progress.log(row)
-                window_seconds, window_steps, window_losses = 0.0, 0, []
+                window_seconds, window_steps, window_metrics = 0.0, 0, []
             chunk_start = time.perf_counter()
     finally:
         progress.close()

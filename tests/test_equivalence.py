@@ -23,7 +23,17 @@ RTOL, ATOL = 1e-5, 1e-6  # ATOL is relative to each leaf's largest entry (a few 
 # Settings per strategy: mesh axis sizes, plus other ``parallel`` options (OPTIONS) where a strategy
 # has them. Every strategy lists its degenerate setting too (a mesh of size 1). A strategy added to
 # the registry without an entry here fails test_every_strategy_has_mesh_settings.
-OPTIONS = ("hybrid_data", "microbatches", "stages", "replicate", "partition", "local_steps", "staleness")
+OPTIONS = (
+    "hybrid_data",
+    "microbatches",
+    "stages",
+    "replicate",
+    "partition",
+    "local_steps",
+    "staleness",
+    "n_push",
+    "n_fetch",
+)
 MESHES = {
     "single": [{}],
     "pmap": [{"data": 8}, {"data": 4}, {"data": 1}],
@@ -59,6 +69,7 @@ MESHES = {
     ],
 }
 MESHES["async"] = [{"data": 8, "staleness": 0}, {"data": 4, "staleness": 0}, {"data": 1, "staleness": 0}]
+MESHES["param_server"] = [{"data": 8, "n_push": 1, "n_fetch": 1}, {"data": 4}, {"data": 1}]
 # Optimizers per strategy, where not every one applies (local_sgd refuses non-linear updates).
 OPTIMIZERS = {"local_sgd": ("momentum",)}
 # Adam on every setting; SGD with momentum (a different optimizer state) on each strategy's first one.

@@ -10,7 +10,18 @@ from collections.abc import Callable
 
 from bpjax.errors import UserError
 from bpjax.step import Problem
-from bpjax.strategies import async_sgd, dp, fsdp, hybrid, local_sgd, pipeline, pmap, single, tensor
+from bpjax.strategies import (
+    async_sgd,
+    dp,
+    fsdp,
+    hybrid,
+    local_sgd,
+    param_server,
+    pipeline,
+    pmap,
+    single,
+    tensor,
+)
 from bpjax.strategies.base import Strategy
 
 Factory = Callable[[Problem, object], Strategy]
@@ -25,6 +36,7 @@ REGISTRY: dict[str, Factory] = {
     "hybrid": hybrid.make,
     "local_sgd": local_sgd.make,
     "async": async_sgd.make,
+    "param_server": param_server.make,
 }
 
 

@@ -1,0 +1,167 @@
+"""``param_server``: Downpour-style parameter server, simulated deterministically.
+
+Layout: server ``W[D, F_data]`` and its optimizer state sharded over the ``data`` devices (each device
+hosts one server shard); workers ``In[B_data, D] · W_cache[D, F]`` on their last fetched copy.
+
+As in Downpour SGD (Dean et al. 2012), each of the W workers:
+  * computes the gradient of its shard of every batch on its cached copy of the parameters, and adds
+    it to a local accumulator (no communication);
+  * every ``parallel.n_push`` steps pushes the accumulated gradient to the server: a reduce-scatter
+    that leaves each server shard the sum over workers of its slice (divided by W: the mean over
+    workers, summed over the steps since the last push); the server applies one optimizer update;
+  * every ``parallel.n_fetch`` steps pulls the current parameters from the server (an all-gather) into
+    its cache.
+Pushes and fetches happen at the same steps on every worker, so the run is deterministic; real
+parameter servers are not, and the delays here are the schedule's, not the network's. With
+``n_fetch = n_push = 1`` a worker's gradient is dp's gradient at the current parameters and the server
+applies it at once: synchronous dp exactly (tested).
+
+The metrics report ``bytes_pushed`` and ``bytes_pulled`` per step and worker (zero on steps without).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpjax.devices import make_mesh, mesh_axes
+from bpjax.errors import UserError
+from bpjax.step import Problem, TrainState, fuse_steps
+from bpjax.strategies.base import Strategy
+from bpjax.strategies.rules import FSDP, param_specs
+
+AXIS = "data"
+
+
+class ServerState(NamedTuple):
+    """The server's TrainState (sharded), the workers' cached parameters and gradient accumulators."""
+
+    train: TrainState
+    cache: object  # params, replicated: every worker fetches the same copy at the same steps
+    accum: object  # params-shaped, stacked [W, ...] over data: each worker's own sum of gradients
+
+
+def make(problem: Problem, parallel) -> Strategy:
+    n_push, n_fetch = int(parallel.get("n_push", 1)), int(parallel.get("n_fetch", 1))
+    if n_push < 1 or n_fetch < 1:
+        raise UserError(f"parallel.n_push={n_push} and parallel.n_fetch={n_fetch} must be >= 1")
+    mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "param_server"))
+    W = mesh.shape[AXIS]
+    named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
+    replicated, per_worker = named(jax.P()), named(jax.P(AXIS))
+    # Server shards: each parameter split over the devices on its largest divisible dimension (the
+    # fsdp rule table), its optimizer state alike.
+    specs = param_specs(problem, FSDP, dict(mesh.shape))
+    from bpjax.strategies.sharded import state_shardings
+
+    server_sh = state_shardings(problem, mesh, specs)
+    shard_dim = jax.tree.map(
+        lambda s: next((d for d, a in enumerate(s) if a == AXIS), None),
+        specs,
+        is_leaf=lambda x: isinstance(x, jax.P),
+    )
+    param_bytes = sum(
+        int(np.prod(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(jax.eval_shape(problem.init, jax.random.key(0)).params)
+    )
+
+    def init(key):
+        state = problem.init(key)
+        accum = jax.tree.map(lambda p: jnp.zeros((W, *p.shape), p.dtype), state.params)
+        return ServerState(state, state.params, accum)
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    state_sh = ServerState(
+        server_sh,
+        jax.tree.map(lambda _: replicated, shapes.cache),
+        jax.tree.map(lambda _: per_worker, shapes.accum),
+    )
+
+    def worker(step, cache, accum_1x, batch):
+        loss, grads = jax.value_and_grad(problem.loss_fn)(cache, batch)
+        accum = jax.tree.map(lambda a, g: a[0] + g, accum_1x, grads)
+        push = (step + 1) % n_push == 0
+
+        def send(acc):
+            # The push: the sum over workers of each server shard's slice, a reduce-scatter (or an
+            # all-reduce for a parameter no dimension of which the worker count divides).
+            def one(a, d):
+                if d is None:
+                    return jax.lax.psum(a, AXIS) / W
+                return jax.lax.psum_scatter(a, AXIS, scatter_dimension=d, tiled=True) / W
+
+            return jax.tree.map(one, acc, shard_dim)
+
+        def nothing(acc):
+            return jax.tree.map(
+                lambda a, d: jnp.zeros(
+                    a.shape if d is None else a.shape[:d] + (a.shape[d] // W,) + a.shape[d + 1 :], a.dtype
+                ),
+                acc,
+                shard_dim,
+            )
+
+        pushed = jax.lax.cond(push, send, nothing, accum)
+        accum = jax.tree.map(lambda a: jnp.where(push, jnp.zeros_like(a), a), accum)
+        return jax.lax.pmean(loss, AXIS), pushed, jax.tree.map(lambda a: a[None], accum)
+
+    def step(state: ServerState, batch):
+        train = state.train
+        grad_specs = jax.tree.map(
+            lambda s: jax.P(*(a if a == AXIS else None for a in s)),
+            specs,
+            is_leaf=lambda x: isinstance(x, jax.P),
+        )
+        loss, pushed, accum = jax.shard_map(
+            worker,
+            mesh=mesh,
+            in_specs=(
+                jax.P(),
+                jax.P(),
+                jax.tree.map(lambda _: jax.P(AXIS), state.accum),
+                jax.tree.map(lambda _: jax.P(AXIS), batch),
+            ),
+            out_specs=(jax.P(), grad_specs, jax.tree.map(lambda _: jax.P(AXIS), state.accum)),
+            check_vma=False,  # nothing is differentiated across the shard_map boundary
+        )(train.step, state.cache, state.accum, batch)
+        push = (train.step + 1) % n_push == 0
+        fetch = (train.step + 1) % n_fetch == 0
+        # The server applies a push; the step counter counts worker steps either way.
+        updated = problem.apply_gradients(train, pushed)
+        new_train = jax.tree.map(lambda u, t: jnp.where(push, u, t), updated, train)
+        new_train = new_train._replace(step=train.step + 1)
+        cache = jax.lax.cond(
+            fetch,
+            lambda p: jax.lax.with_sharding_constraint(p, jax.tree.map(lambda _: replicated, p)),
+            lambda _: state.cache,
+            new_train.params,
+        )
+        metrics = {
+            "loss": loss,
+            "bytes_pushed": jnp.where(push, jnp.float32(param_bytes), 0.0),
+            "bytes_pulled": jnp.where(fetch, jnp.float32(param_bytes), 0.0),
+        }
+        return ServerState(new_train, cache, accum), metrics
+
+    def gather(tree):
+        tree = jax.tree.map(np.asarray, jax.device_get(tree))
+        return tree.train if isinstance(tree, ServerState) else tree
+
+    batch_sh = named(jax.P(None, AXIS))
+    return Strategy(
+        name="param_server",
+        layout=(
+            f"server W[D, F_data] sharded over the {W} devices; workers In[B_data, D] · W_cache[D, F]; "
+            f"push every {n_push}, fetch every {n_fetch} step(s)"
+        ),
+        devices=tuple(mesh.devices.flat),
+        data_parallel=W,
+        init=jax.jit(init, out_shardings=state_sh),
+        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
+        step=jax.jit(fuse_steps(step), out_shardings=(state_sh, replicated), donate_argnums=0),
+        gather=gather,
+        mesh=mesh,
+    )
