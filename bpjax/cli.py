@@ -2,6 +2,7 @@
 
   bpjax run EXPERIMENT.py [--set key=value ...] [--workdir DIR] [--overwrite]
   bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled]
+  bpjax compare EXPERIMENT_OR_STUDY.py ... [--set key=value ...] [--workdir DIR] [--target-loss X]
   python -m bpjax run ...              the same
   python experiments/NAME.py [...]      the same, for that file
 
@@ -45,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     parsers["run"].add_argument(
         "--overwrite", action="store_true", help="replace an earlier run's files in --workdir"
     )
+    c = sub.add_parser("compare", help="train several experiments or a study file and compare them")
+    c.add_argument(
+        "experiments", nargs="+", help="experiment files (get_config) or study files (get_configs)"
+    )
+    c.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field in every run (repeatable)",
+    )
+    c.add_argument("--workdir", help="output folder (default: runs/compare-YYYYmmdd-HHMMSS)")
+    c.add_argument("--target-loss", type=float, default=0.5, help="loss for the steps-to-target column")
     parsers["plan"].add_argument(
         "--compiled",
         action="store_true",
@@ -96,10 +111,20 @@ def _plan(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from bpjax.compare import compare
+
+    workdir = Path(args.workdir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    compare(args.experiments, args.overrides, workdir, args.target_loss)
+    print((workdir / "comparison.md").read_text())
+    print(f"wrote {workdir}/comparison.md, comparison.csv, loss_vs_step.png, loss_vs_bytes.png, runs/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "plan": _plan}[args.command](args)
+        return {"run": _run, "plan": _plan, "compare": _compare}[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

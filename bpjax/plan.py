@@ -38,6 +38,7 @@ class Collective:
     array_bytes: int  # per occurrence
     where: str  # e.g. "layer_1 forward", "gradients"
     count: int = 1  # occurrences per step (pipeline: once per tick of a loop the HLO lists once)
+    every: int = 1  # runs on one step in this many (local_sgd's averaging, param_server's push/fetch)
 
     @property
     def wire_bytes(self) -> float:
@@ -81,6 +82,8 @@ class Plan:
         out["collective_bytes"] = sum(c.array_bytes * c.count for c in self.collectives)
         # Each collective once, as the HLO text lists the body of a loop once: what --compiled compares.
         out["static_collective_bytes"] = sum(c.array_bytes for c in self.collectives)
+        # Averaged over steps: what one device sends per training step in a ring implementation.
+        out["wire_bytes_per_step"] = sum(c.wire_bytes / c.every for c in self.collectives)
         out["wire_bytes"] = sum(c.wire_bytes for c in self.collectives)
         return out
 
@@ -346,18 +349,33 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
         push, pull = f"once every {p.n_push} step(s)", f"once every {p.n_fetch} step(s)"
         out.append(
             Collective(
-                "reduce-scatter", "data", data, full(sharded), f"push: gradients to the server shards, {push}"
+                "reduce-scatter",
+                "data",
+                data,
+                full(sharded),
+                f"push: gradients to the server shards, {push}",
+                every=p.n_push,
             )
         )
         if whole:
             out.append(
                 Collective(
-                    "all-reduce", "data", data, full(whole), f"push: gradients of unsplit parameters, {push}"
+                    "all-reduce",
+                    "data",
+                    data,
+                    full(whole),
+                    f"push: gradients of unsplit parameters, {push}",
+                    every=p.n_push,
                 )
             )
         out.append(
             Collective(
-                "all-gather", "data", data, full(sharded), f"fetch: parameters from the server, {pull}"
+                "all-gather",
+                "data",
+                data,
+                full(sharded),
+                f"fetch: parameters from the server, {pull}",
+                every=p.n_fetch,
             )
         )
         out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
@@ -379,6 +397,7 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
                 data,
                 sum(_local_bytes(x, False) for x in floats),
                 f"parameters and optimizer state, averaged once every {H} step(s)",
+                every=H,
             )
         )
         out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
