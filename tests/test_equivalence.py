@@ -72,6 +72,7 @@ MESHES["async"] = [{"data": 8, "staleness": 0}, {"data": 4, "staleness": 0}, {"d
 MESHES["param_server"] = [{"data": 8, "n_push": 1, "n_fetch": 1}, {"data": 4}, {"data": 1}]
 # Optimizers per strategy, where not every one applies (local_sgd refuses non-linear updates).
 OPTIMIZERS = {"local_sgd": ("momentum",)}
+FIRST_OPTIMIZER = {name: opts[0] for name, opts in OPTIMIZERS.items()}
 # Adam on every setting; SGD with momentum (a different optimizer state) on each strategy's first one.
 CASES = [
     (name, mesh, optimizer)
@@ -200,8 +201,20 @@ def test_equivalence_check_catches_a_wrong_gradient_reduction(dataset, reference
         assert_trees_close(final.params, references["momentum"][1].params, RTOL, ATOL)
 
 
-def test_runs_are_bit_identical(dataset):
-    c, problem, batches = setup(dataset, "adam", {"data": 8})
-    a = train_steps(strategies.make("dp", problem, c.parallel), batches, STEPS)
-    b = train_steps(strategies.make("dp", problem, c.parallel), batches, STEPS)
-    assert_trees_close(a, b, rtol=0, atol=0, what="two dp runs")
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [
+        ("dp", {"data": 8}),
+        ("async", {"data": 8, "staleness": 3}),
+        ("param_server", {"data": 8, "n_push": 2, "n_fetch": 3}),
+        ("local_sgd", {"data": 8, "local_steps": 3}),
+    ],
+)
+def test_runs_are_bit_identical(dataset, name, settings):
+    """Simulated asynchrony included: the same seed and settings give the same bits."""
+    c, problem, batches = setup(dataset, FIRST_OPTIMIZER.get(name, "adam"), settings)
+    if name == "async":
+        c.parallel.random_staleness = True
+    a = train_steps(strategies.make(name, problem, c.parallel), batches, STEPS)
+    b = train_steps(strategies.make(name, problem, c.parallel), batches, STEPS)
+    assert_trees_close(a, b, rtol=0, atol=0, what=f"two {name} runs")
