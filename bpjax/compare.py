@@ -14,7 +14,6 @@ overrides. The comparison writes into its workdir:
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 from pathlib import Path
 
@@ -30,16 +29,7 @@ def load_runs(paths: list[str], overrides: list[str]) -> dict[str, mlc.ConfigDic
     runs: dict[str, mlc.ConfigDict] = {}
     for path in paths:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(
-                f"{path!r} not found; pass experiment or study files, e.g. experiments/study_sync_async.py"
-            )
-        spec = importlib.util.spec_from_file_location(f"bpjax_study_{p.stem}", p)
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except Exception as e:
-            raise UserError(f"{path} failed to load: {type(e).__name__}: {e}") from e
+        module = cfg_lib.load_module(p)
         if hasattr(module, "get_configs"):
             found = dict(module.get_configs())
         else:

@@ -202,8 +202,8 @@ def apply_overrides(c: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
     return c
 
 
-def from_file(path: str | Path) -> mlc.ConfigDict:
-    """The raw ``get_config()`` of an experiment file, so that one experiment can build on another."""
+def load_module(path: str | Path):
+    """Import an experiment or study file; a missing file or one that fails to run is one line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -217,6 +217,13 @@ def from_file(path: str | Path) -> mlc.ConfigDict:
         raise
     except Exception as e:  # the user's file: say where it broke, in one line
         raise UserError(f"experiment file {path} failed to load: {type(e).__name__}: {e}") from e
+    return module
+
+
+def from_file(path: str | Path) -> mlc.ConfigDict:
+    """The raw ``get_config()`` of an experiment file, so that one experiment can build on another."""
+    path = Path(path)
+    module = load_module(path)
     if not hasattr(module, "get_config"):
         raise UserError(
             f"experiment file {path} has no get_config(); define one returning bpjax.config.default()"
