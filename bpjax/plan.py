@@ -314,6 +314,19 @@ def _tensor_collectives(problem, shapes, model: int, b_local: int, widths) -> tu
     return out, notes
 
 
+def _split_over_data(params, data: int, gathered: bool = True) -> tuple[int, int]:
+    """``(full bytes of the parameters stored split over data, bytes of the others)`` per device
+    (within its model group). With ``gathered=False`` every parameter counts as unsplit."""
+    split = whole = 0
+    for leaf in jax.tree.leaves(params):
+        local = _local_bytes(leaf, False)
+        if gathered and "data" in tuple(leaf.sharding.spec):
+            split += local * data
+        else:
+            whole += local
+    return split, whole
+
+
 def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
     """The collectives one step needs at the minimum: ``(collectives, notes)``."""
     out: list[Collective] = []
@@ -343,27 +356,25 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
         )
     if name == "param_server" and data > 1:
         p = config.parallel
-        sharded = [leaf for leaf in jax.tree.leaves(shapes.params) if "data" in tuple(leaf.sharding.spec)]
-        whole = [leaf for leaf in jax.tree.leaves(shapes.params) if "data" not in tuple(leaf.sharding.spec)]
-        full = lambda leaves: sum(_local_bytes(x, False) * (data if x in sharded else 1) for x in leaves)  # noqa: E731
+        sharded_b, whole_b = _split_over_data(shapes.params, data)
         push, pull = f"once every {p.n_push} step(s)", f"once every {p.n_fetch} step(s)"
         out.append(
             Collective(
                 "reduce-scatter",
                 "data",
                 data,
-                full(sharded),
+                sharded_b,
                 f"push: gradients to the server shards, {push}",
                 every=p.n_push,
             )
         )
-        if whole:
+        if whole_b:
             out.append(
                 Collective(
                     "all-reduce",
                     "data",
                     data,
-                    full(whole),
+                    whole_b,
                     f"push: gradients of unsplit parameters, {push}",
                     every=p.n_push,
                 )
@@ -373,7 +384,7 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
                 "all-gather",
                 "data",
                 data,
-                full(sharded),
+                sharded_b,
                 f"fetch: parameters from the server, {pull}",
                 every=p.n_fetch,
             )
@@ -403,8 +414,9 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
         out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
         notes.append(f"the averaging runs on 1 step in {H}; per step that is {1 / H:.2f} of its bytes")
     if name in ("tensor", "hybrid") and model > 1:
-        tensor, notes = _tensor_collectives(problem, shapes, model, b_local, widths)
+        tensor, tensor_notes = _tensor_collectives(problem, shapes, model, b_local, widths)
         out += tensor
+        notes += tensor_notes
     if name == "hybrid" and data > 1 and config.parallel.hybrid_data == "fsdp":
         notes.append(
             "hybrid with fsdp: the compiler chooses how to gather the parameters and reduce the "
@@ -413,14 +425,10 @@ def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
             "model=2; 1.00x on 64-512-256-128-10); check with --compiled"
         )
     if name in ("fsdp", "hybrid") and data > 1:
-        gathered = name == "fsdp" or config.parallel.hybrid_data == "fsdp"
-        gather_b = reduce_b = 0
-        for leaf in jax.tree.leaves(shapes.params):
-            local = _local_bytes(leaf, False)  # this device's share within its model group
-            if gathered and "data" in tuple(leaf.sharding.spec):
-                gather_b += local * data
-            else:
-                reduce_b += local
+        if name == "fsdp" or config.parallel.hybrid_data == "fsdp":
+            gather_b, reduce_b = _split_over_data(shapes.params, data)
+        else:
+            gather_b, reduce_b = 0, _split_over_data(shapes.params, data, gathered=False)[1]
         if gather_b:
             out.append(Collective("all-gather", "data", data, gather_b, "parameters, gathered for use"))
             out.append(

@@ -29,8 +29,8 @@ import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
-from bpjax.step import Problem, TrainState, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.step import Problem, TrainState
+from bpjax.strategies.base import Strategy, over_data
 
 AXIS = "data"
 
@@ -56,7 +56,6 @@ def make(problem: Problem, parallel) -> Strategy:
     if s < 0:
         raise UserError(f"parallel.staleness={s} must be >= 0 (0 is synchronous dp)")
     mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "async"))
-    W = mesh.shape[AXIS]
     slots = s + 1
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
@@ -90,16 +89,13 @@ def make(problem: Problem, parallel) -> Strategy:
         tree = jax.tree.map(np.asarray, jax.device_get(tree))
         return tree.train if isinstance(tree, AsyncState) else tree
 
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, AXIS))
     kind = f"uniform in [0, {s}]" if random and s else f"{s}"
-    return Strategy(
-        name="async",
-        layout=f"In[B_data, D] · W_(t-tau)[D, F], tau {kind}; W and {slots} version(s) replicated",
-        devices=tuple(mesh.devices.flat),
-        data_parallel=W,
-        init=jax.jit(init, out_shardings=replicated),
-        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
-        step=jax.jit(fuse_steps(step), out_shardings=(replicated, replicated), donate_argnums=0),
+    return over_data(
+        "async",
+        f"In[B_data, D] · W_(t-tau)[D, F], tau {kind}; W and {slots} version(s) replicated",
+        mesh,
+        init=init,
+        state_sharding=replicated,
+        step=step,
         gather=gather,
-        mesh=mesh,
     )

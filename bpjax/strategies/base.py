@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from bpjax.step import Batch, Metrics, TrainState
+from bpjax.step import Batch, Metrics, TrainState, fuse_steps
 
 
 class Strategy(NamedTuple):
@@ -45,3 +45,32 @@ class Strategy(NamedTuple):
     @property
     def num_devices(self) -> int:
         return len(self.devices)
+
+
+def over_data(
+    name: str,
+    layout: str,
+    mesh: jax.sharding.Mesh,
+    *,
+    init: Callable,
+    state_sharding: Any,
+    step: Callable,
+    gather: Callable,
+    axis: str = "data",
+) -> Strategy:
+    """A strategy whose batch is split over ``axis`` and whose state has ``state_sharding``: ``init``
+    jitted into that layout, ``step`` fused over K steps, jitted, its state donated (the assembly the
+    simulated schemes share: async, param_server, local_sgd)."""
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, axis))
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    return Strategy(
+        name=name,
+        layout=layout,
+        devices=tuple(mesh.devices.flat),
+        data_parallel=mesh.shape[axis],
+        init=jax.jit(init, out_shardings=state_sharding),
+        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
+        step=jax.jit(fuse_steps(step), out_shardings=(state_sharding, replicated), donate_argnums=0),
+        gather=gather,
+        mesh=mesh,
+    )

@@ -25,8 +25,8 @@ import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
-from bpjax.step import Problem, TrainState, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.step import Problem, TrainState
+from bpjax.strategies.base import Strategy, over_data
 
 AXIS = "data"
 LINEAR = ("sgd", "momentum", "nesterov")
@@ -110,15 +110,12 @@ def make(problem: Problem, parallel) -> Strategy:
     def gather(tree):
         return jax.tree.map(consensus, tree)
 
-    batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, AXIS))
-    return Strategy(
-        name="local_sgd",
-        layout=f"In[B_data, D] · W_w[D, F] per worker w; copies averaged every {H} step(s)",
-        devices=tuple(mesh.devices.flat),
-        data_parallel=W,
-        init=jax.jit(init, out_shardings=state_sh),
-        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
-        step=jax.jit(fuse_steps(step), out_shardings=(state_sh, replicated), donate_argnums=0),
+    return over_data(
+        "local_sgd",
+        f"In[B_data, D] · W_w[D, F] per worker w; copies averaged every {H} step(s)",
+        mesh,
+        init=init,
+        state_sharding=state_sh,
+        step=step,
         gather=gather,
-        mesh=mesh,
     )

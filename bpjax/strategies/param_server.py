@@ -29,9 +29,10 @@ import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
-from bpjax.step import Problem, TrainState, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.step import Problem, TrainState
+from bpjax.strategies.base import Strategy, over_data
 from bpjax.strategies.rules import FSDP, param_specs
+from bpjax.strategies.sharded import state_shardings
 
 AXIS = "data"
 
@@ -55,17 +56,11 @@ def make(problem: Problem, parallel) -> Strategy:
     # Server shards: each parameter split over the devices on its largest divisible dimension (the
     # fsdp rule table), its optimizer state alike.
     specs = param_specs(problem, FSDP, dict(mesh.shape))
-    from bpjax.strategies.sharded import state_shardings
-
     server_sh = state_shardings(problem, mesh, specs)
     shard_dim = jax.tree.map(
         lambda s: next((d for d, a in enumerate(s) if a == AXIS), None),
         specs,
         is_leaf=lambda x: isinstance(x, jax.P),
-    )
-    param_bytes = sum(
-        int(np.prod(x.shape)) * x.dtype.itemsize
-        for x in jax.tree.leaves(jax.eval_shape(problem.init, jax.random.key(0)).params)
     )
 
     def init(key):
@@ -74,6 +69,7 @@ def make(problem: Problem, parallel) -> Strategy:
         return ServerState(state, state.params, accum)
 
     shapes = jax.eval_shape(init, jax.random.key(0))
+    param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes.cache))
     state_sh = ServerState(
         server_sh,
         jax.tree.map(lambda _: replicated, shapes.cache),
@@ -150,18 +146,13 @@ def make(problem: Problem, parallel) -> Strategy:
         tree = jax.tree.map(np.asarray, jax.device_get(tree))
         return tree.train if isinstance(tree, ServerState) else tree
 
-    batch_sh = named(jax.P(None, AXIS))
-    return Strategy(
-        name="param_server",
-        layout=(
-            f"server W[D, F_data] sharded over the {W} devices; workers In[B_data, D] · W_cache[D, F]; "
-            f"push every {n_push}, fetch every {n_fetch} step(s)"
-        ),
-        devices=tuple(mesh.devices.flat),
-        data_parallel=W,
-        init=jax.jit(init, out_shardings=state_sh),
-        shard_batch=lambda batch: jax.device_put(batch, batch_sh),
-        step=jax.jit(fuse_steps(step), out_shardings=(state_sh, replicated), donate_argnums=0),
+    return over_data(
+        "param_server",
+        f"server W[D, F_data] sharded over the {W} devices; workers In[B_data, D] · W_cache[D, F]; "
+        f"push every {n_push}, fetch every {n_fetch} step(s)",
+        mesh,
+        init=init,
+        state_sharding=state_sh,
+        step=step,
         gather=gather,
-        mesh=mesh,
     )
