@@ -1,12 +1,14 @@
 """The command line: the only place that parses arguments.
 
-  bpjax run EXPERIMENT.py [--set key=value ...] [--workdir DIR] [--overwrite]
+  bpjax run EXPERIMENT.py [--set key=value ...] [--workdir DIR] [--overwrite | --resume]
+  bpjax launch --processes N EXPERIMENT.py [the options of run]   N local processes, one run
   bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled]
   bpjax compare EXPERIMENT_OR_STUDY.py ... [--set key=value ...] [--workdir DIR] [--target-loss X]
   python -m bpjax run ...              the same
   python experiments/NAME.py [...]      the same, for that file
 
 Bad input prints one line, ``error: ...``, and exits with status 2 before anything is compiled or written.
+A run that stops on a NaN or Inf loss exits with status 3; a failed multi-process run with status 1.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bpjax.errors import UserError
+from bpjax.errors import TrainingStopped, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     commands = {
         "run": "train the network an experiment file describes",
+        "launch": "run an experiment as several local processes (jax.distributed on loopback)",
         "plan": "explain the layout of an experiment without training",
     }
     parsers = {}
@@ -39,12 +42,22 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config field, e.g. --set parallel.strategy=pmap (repeatable)",
         )
-    parsers["run"].add_argument(
-        "--workdir",
-        help="folder for config.json, metrics.jsonl, summary.json (default: runs/NAME-YYYYmmdd-HHMMSS)",
-    )
-    parsers["run"].add_argument(
-        "--overwrite", action="store_true", help="replace an earlier run's files in --workdir"
+    for name in ("run", "launch"):
+        parsers[name].add_argument(
+            "--workdir",
+            help="folder for config.json, metrics.jsonl, summary.json, checkpoints/ "
+            "(default: runs/NAME-YYYYmmdd-HHMMSS)",
+        )
+        parsers[name].add_argument(
+            "--overwrite", action="store_true", help="replace an earlier run in --workdir"
+        )
+        parsers[name].add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --workdir from its latest checkpoint (the strategy may differ)",
+        )
+    parsers["launch"].add_argument(
+        "--processes", type=int, required=True, help="how many processes (each gets cpu_devices/N devices)"
     )
     c = sub.add_parser("compare", help="train several experiments or a study file and compare them")
     c.add_argument(
@@ -68,18 +81,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_workdir(config) -> Path:
+    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def _run(args) -> int:
     from bpjax import config as cfg_lib
+    from bpjax import distributed
 
     config = cfg_lib.load(args.experiment, args.overrides)
-    workdir = args.workdir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume and not args.workdir:
+        raise UserError("--resume needs the --workdir of the run to continue")
+    workdir = args.workdir or _default_workdir(config)
 
     from bpjax.train import run
 
-    result = run(config, workdir, overwrite=args.overwrite)
+    with distributed.fail_fast():
+        result = run(config, workdir, overwrite=args.overwrite, resume=args.resume)
+    if not distributed.is_leader():
+        return 0
     keys = (
         "strategy",
         "num_devices",
+        "processes",
         "steps",
         "final_train_loss",
         "eval_loss",
@@ -91,6 +115,40 @@ def _run(args) -> int:
     print(json.dumps({k: result.summary[k] for k in keys}, indent=2))
     print(f"wrote {workdir}/config.json, metrics.jsonl, summary.json")
     return 0
+
+
+def _launch(args) -> int:
+    """Check everything in this process, then start the workers: bad input never starts a process."""
+    from bpjax import config as cfg_lib
+    from bpjax import distributed
+    from bpjax.train import _check_workdir, _resume_point, check_processes, prepare
+
+    n = args.processes
+    config = cfg_lib.load(args.experiment, args.overrides)
+    if n < 1:
+        raise UserError(f"--processes {n} must be >= 1")
+    if distributed.detect() is not None:
+        raise UserError(
+            "bpjax launch starts its own processes; inside a SLURM/MPI job use bpjax run in each task"
+        )
+    check_processes(config, n)
+    if args.resume and not args.workdir:
+        raise UserError("--resume needs the --workdir of the run to continue")
+    setup = prepare(config)  # the same checks every worker makes, over all cpu_devices in one process
+    if n > 1 and not setup.strategy.multi_process:
+        raise UserError(
+            f"{setup.strategy.name} (partition={setup.config.parallel.partition}) runs in one process only; "
+            f"across processes use pmap, dp (partition=sample), fsdp, tensor or hybrid"
+        )
+    workdir = Path(args.workdir) if args.workdir else _default_workdir(setup.config)
+    out = _check_workdir(workdir, args.overwrite, args.resume)
+    if args.resume:
+        _resume_point(setup.config, setup.strategy, out)
+    worker = ["run", args.experiment, "--workdir", str(workdir)]
+    worker += [f"--set={o}" for o in args.overrides]
+    worker += ["--overwrite"] * args.overwrite + ["--resume"] * args.resume
+    grace = 2 * setup.config.distributed.heartbeat_timeout_s + 5
+    return distributed.launch(worker, n, grace)
 
 
 def _plan(args) -> int:
@@ -124,8 +182,8 @@ def _compare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "plan": _plan, "compare": _compare}[args.command](args)
-    except UserError as e:
+        return {"run": _run, "launch": _launch, "plan": _plan, "compare": _compare}[args.command](args)
+    except (UserError, TrainingStopped) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
 

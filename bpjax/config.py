@@ -10,6 +10,8 @@ Sections:
   optimizer.*               an optax optimizer by name, a learning-rate schedule, gradient clipping
   train.*                   steps, batch size, loss, how often to evaluate and log, steps fused per call
   parallel.*                the strategy, the mesh it lays out, and simulated CPU devices
+  checkpoint.*              how often orbax saves the train state, how many to keep (see `bpjax.checkpoint`)
+  distributed.*             multi-process runs: how fast a dead peer is noticed (see `bpjax.distributed`)
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def default() -> mlc.ConfigDict:
     c.train.steps_per_call = 1  # K steps fused into one compiled call with lax.scan
     c.train.sync_every = 16  # block on a result at least this often (forced CPU collectives can deadlock)
     c.train.progress = "auto"  # auto: a bar on a terminal, plain lines otherwise; or bar / lines / off
+    c.train.nonfinite = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
+    c.train.max_skipped = 10  # nonfinite=skip: stop anyway after this many non-finite steps in a row
 
     c.parallel = mlc.ConfigDict()
     c.parallel.strategy = "single"
@@ -122,6 +126,16 @@ def default() -> mlc.ConfigDict:
     c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
     c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
     c.parallel.memory_budget_mb = 0.0  # >0: refuse layouts whose planned bytes per device exceed this
+
+    c.checkpoint = mlc.ConfigDict()
+    c.checkpoint.every = 0  # save every this many steps and at the end; 0: no checkpoints
+    c.checkpoint.keep = 3  # keep the latest this many checkpoints
+    c.checkpoint.async_save = True  # write in the background while training goes on
+
+    c.distributed = mlc.ConfigDict()
+    c.distributed.heartbeat_timeout_s = 10  # a peer silent this long is dead: every process then exits
+    c.distributed.shutdown_timeout_s = 30  # how long the processes wait for each other at the end
+    c.distributed.init_timeout_s = 120  # how long to wait for every process to join
     return c
 
 
@@ -293,6 +307,7 @@ def validate(c: mlc.ConfigDict) -> None:
     _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
     _choice(c.train.loss, LOSSES, "train.loss")
     _choice(c.train.progress, ("auto", "bar", "lines", "off"), "train.progress")
+    _choice(c.train.nonfinite, ("stop", "skip"), "train.nonfinite")
     _choice(c.data.task, ("classification", "regression"), "data.task")
 
     for i, w in enumerate(c.model.hidden):
@@ -358,5 +373,20 @@ def validate(c: mlc.ConfigDict) -> None:
         raise UserError(f"parallel.local_steps={c.parallel.local_steps} must be >= 1")
     if c.parallel.microbatches < 1:
         raise UserError(f"parallel.microbatches={c.parallel.microbatches} must be >= 1")
+    ck = c.checkpoint
+    if ck.every < 0 or ck.keep < 1:
+        raise UserError(
+            f"checkpoint.every={ck.every} must be >= 0 (0: no checkpoints) and checkpoint.keep={ck.keep} >= 1"
+        )
+    if ck.every % k:
+        raise UserError(
+            f"checkpoint.every={ck.every} is not a multiple of train.steps_per_call={k}; checkpoints are "
+            f"saved between compiled calls (use every={max(ck.every // k, 1) * k})"
+        )
+    if t.max_skipped < 1:
+        raise UserError(f"train.max_skipped={t.max_skipped} must be >= 1")
+    for key in ("heartbeat_timeout_s", "shutdown_timeout_s", "init_timeout_s"):
+        if c.distributed[key] < 1:
+            raise UserError(f"distributed.{key}={c.distributed[key]} must be >= 1 second")
     if list(c.parallel.mesh.values()).count(-1) > 1:
         raise UserError("parallel.mesh may use -1 for one axis only; give the other sizes explicitly")

@@ -355,7 +355,10 @@ class Batches:
         idx = self._indices(step)
         return {"x": self.x[idx], "y": self.y[idx]}
 
-    def stack(self, start: int, k: int) -> dict[str, np.ndarray]:
-        """Batches of steps ``start .. start+k-1`` stacked on a leading axis: ``{"x": [K, B, D], ...}``."""
-        idx = np.stack([self._indices(s) for s in range(start, start + k)])
+    def stack(self, start: int, k: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+        """Batches of steps ``start .. start+k-1`` stacked on a leading axis: ``{"x": [K, B, D], ...}``.
+
+        ``rows``: only these rows of every batch (a process's share in a multi-process run).
+        """
+        idx = np.stack([self._indices(s)[rows] for s in range(start, start + k)])
         return {"x": self.x[idx], "y": self.y[idx]}

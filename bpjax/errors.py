@@ -15,3 +15,15 @@ class UserError(ValueError):
         if "\n" in message:
             raise AssertionError(f"UserError messages are one line, got: {message!r}")
         super().__init__(message)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself: a NaN or Inf loss. One line naming the step, the last good checkpoint
+    and the fix; the CLI exits with status 3."""
+
+    exit_code = 3
+
+    def __init__(self, message: str):
+        if "\n" in message:
+            raise AssertionError(f"TrainingStopped messages are one line, got: {message!r}")
+        super().__init__(message)

@@ -44,9 +44,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 class MetricsLog:
     """Collects logged rows in memory and, with a workdir, appends them to ``metrics.jsonl``."""
 
-    def __init__(self, workdir: Path | None):
+    def __init__(self, workdir: Path | None, append: bool = False):
         self.rows: list[dict] = []
-        self._file = open(workdir / "metrics.jsonl", "w") if workdir else None  # noqa: SIM115
+        self._file = open(workdir / "metrics.jsonl", "a" if append else "w") if workdir else None  # noqa: SIM115
 
     def write(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}

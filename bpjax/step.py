@@ -185,4 +185,10 @@ def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
         bias_init=m.bias_init,
     )
     tx = make_optimizer(config.optimizer, config.train.steps)
+    if config.train.nonfinite == "skip":
+        # A step whose gradients hold a NaN or Inf changes nothing (optax counts it in the state); the
+        # loop stops after train.max_skipped such steps in a row, before this would apply one anyway.
+        tx = optax.apply_if_finite(
+            tx, max_consecutive_errors=config.train.max_skipped + config.train.sync_every
+        )
     return Problem(model, tx, config.train.loss, input_dim)

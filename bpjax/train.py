@@ -8,6 +8,9 @@ notebooks and the tests all call this function.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +22,11 @@ import numpy as np
 
 from bpjax import config as cfg_lib
 from bpjax import data as data_lib
-from bpjax import strategies
+from bpjax import distributed, faults, strategies
+from bpjax.checkpoint import CHECKPOINTS, Checkpointer
 from bpjax.devices import use_cpu_devices
-from bpjax.errors import UserError
-from bpjax.metrics import RUN_FILES, MetricsLog, Progress, write_json
+from bpjax.errors import TrainingStopped, UserError
+from bpjax.metrics import RUN_FILES, MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
 from bpjax.step import Problem, TrainState, make_problem
 from bpjax.strategies.base import Strategy
@@ -58,12 +62,19 @@ class Setup:
 
 
 def prepare(config: mlc.ConfigDict) -> Setup:
-    """Validate ``config`` against the schema, the data and the devices; build the strategy (no compile)."""
+    """Validate ``config`` against the schema, the data and the devices; build the strategy (no compile).
+
+    In a multi-process run (`bpjax.distributed`) this is also where the process joins the others:
+    ``parallel.cpu_devices`` counts devices over all processes, so each simulates its share.
+    """
     config = cfg_lib.merge_into_default(config)
     cfg_lib.validate(config)
     strategies.get(config.parallel.strategy)  # an unknown name fails here, before any data is loaded
+    processes = distributed.num_processes()
     if config.parallel.cpu_devices:
-        use_cpu_devices(config.parallel.cpu_devices)
+        check_processes(config, processes)
+        use_cpu_devices(config.parallel.cpu_devices // processes)
+    distributed.initialize(config.distributed)
     ds = data_lib.load(config.data, config.seed)
     if ds.task == "regression" and config.train.loss != "mse":
         raise UserError(f"data {config.data.name} has real-valued targets; set train.loss=mse")
@@ -71,6 +82,11 @@ def prepare(config: mlc.ConfigDict) -> Setup:
         raise UserError(f"data {config.data.name} has class labels; set train.loss=cross_entropy")
     problem = make_problem(config, ds.num_features, ds.num_outputs)
     strategy = strategies.make(config.parallel.strategy, problem, config.parallel)
+    if processes > 1 and not strategy.multi_process:
+        raise UserError(
+            f"{strategy.name} (partition={config.parallel.partition}) runs in one process only; across "
+            f"processes use pmap, dp (partition=sample), fsdp, tensor or hybrid"
+        )
     b, n = config.train.batch_size, strategy.data_parallel
     if b % n:
         raise UserError(
@@ -87,21 +103,83 @@ def prepare(config: mlc.ConfigDict) -> Setup:
     return Setup(config, ds, problem, strategy, batches)
 
 
-def _open_workdir(workdir: str | Path | None, overwrite: bool) -> Path | None:
+def check_processes(config: mlc.ConfigDict, processes: int) -> None:
+    """The simulated CPU devices must split evenly over the processes."""
+    n = config.parallel.cpu_devices
+    if processes < 1 or (n and n % processes):
+        ok = [p for p in range(1, n + 1) if n % p == 0] if n else []
+        raise UserError(
+            f"{processes} processes cannot share parallel.cpu_devices={n} evenly; "
+            f"use --processes {' or '.join(map(str, ok))}"
+        )
+
+
+def _check_workdir(workdir: str | Path | None, overwrite: bool, resume: bool) -> Path | None:
+    """Read-only checks of the output folder (every process makes them before anything is written)."""
     if workdir is None:
+        if resume:
+            raise UserError("--resume needs the --workdir of the run to continue")
         return None
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is a file; give a folder")
-    taken = [f for f in RUN_FILES if (workdir / f).exists()]
+    if resume and overwrite:
+        raise UserError(
+            "--resume continues the run in --workdir and --overwrite replaces it; pass one of them"
+        )
+    if resume:
+        if not (workdir / "checkpoints").is_dir():
+            raise UserError(
+                f"--resume: {workdir} holds no checkpoints; run without --resume (checkpoint.every > 0 saves them)"
+            )
+        return workdir
+    taken = [f for f in (*RUN_FILES, CHECKPOINTS) if (workdir / f).exists()]
     if taken and not overwrite:
         raise UserError(
-            f"{workdir} already holds a run ({taken[0]}); choose another --workdir or pass --overwrite"
+            f"{workdir} already holds a run ({taken[0]}); choose another --workdir, pass --resume to continue "
+            f"it or --overwrite to replace it"
         )
-    for f in taken:
-        (workdir / f).unlink()
-    workdir.mkdir(parents=True, exist_ok=True)
     return workdir
+
+
+def _open_workdir(workdir: Path, resume_step: int | None) -> None:
+    """Process 0 only: clear an overwritten run, or cut a resumed run's log back to its checkpoint."""
+    if resume_step is None:
+        for f in RUN_FILES:
+            (workdir / f).unlink(missing_ok=True)
+        shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None:
+        (workdir / "summary.json").unlink(missing_ok=True)
+        log = workdir / "metrics.jsonl"
+        rows = read_jsonl(log) if log.exists() else []
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+        os.replace(tmp, log)
+
+
+def _resume_point(config, strategy: Strategy, workdir: Path) -> int:
+    """The latest complete checkpoint's step, checked against this run's config and strategy."""
+    ckpt = Checkpointer(workdir / CHECKPOINTS, config, strategy, create=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(
+                f"--resume: {workdir / CHECKPOINTS} holds no complete checkpoint; run without --resume"
+            )
+        ckpt.check(step)
+    finally:
+        ckpt.close()
+    if step >= config.train.steps:
+        raise UserError(
+            f"--resume: the run in {workdir} is complete at step {step}; raise train.steps to train further"
+        )
+    if step % config.train.steps_per_call:
+        raise UserError(
+            f"--resume: checkpoint step {step} is not a multiple of train.steps_per_call="
+            f"{config.train.steps_per_call}; resume with the steps_per_call that saved it"
+        )
+    return step
 
 
 def make_evaluator(problem: Problem, ds: data_lib.Dataset):
@@ -129,16 +207,26 @@ def make_evaluator(problem: Problem, ds: data_lib.Dataset):
     return evaluate
 
 
-def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite: bool = False) -> RunResult:
+def run(
+    config: mlc.ConfigDict,
+    workdir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> RunResult:
     """Train the BP network ``config`` describes; write run files into ``workdir`` if one is given.
 
     Args:
       config: a config from ``bpjax.config.default()`` / an experiment's ``get_config()``.
-      workdir: folder for ``config.json``, ``metrics.jsonl`` and ``summary.json``; None writes nothing.
-      overwrite: replace the run files of an earlier run in ``workdir``.
+      workdir: folder for ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``;
+        None writes nothing (and saves no checkpoints).
+      overwrite: replace an earlier run in ``workdir``.
+      resume: continue the run in ``workdir`` from its latest checkpoint, under this config's strategy
+        (the model, optimizer, data and seed must match; steps, strategy and mesh may change).
 
     Raises:
       UserError: before anything is compiled or written, for any bad input.
+      TrainingStopped: the loss became NaN or Inf (``train.nonfinite``); the last good checkpoint stays.
     """
     setup = prepare(config)
     if setup.config.parallel.memory_budget_mb:
@@ -153,54 +241,79 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
         setup.batches,
     )
     t = config.train
-    out = _open_workdir(workdir, overwrite)
-    if out:
+    out = _check_workdir(workdir, overwrite, resume)
+    start = _resume_point(config, strategy, out) if resume else 0
+    leader = distributed.is_leader()
+    distributed.barrier("bpjax: run checked")  # nobody writes before every process has checked
+    if out and leader:
+        _open_workdir(out, start if resume else None)
         write_json(out / "config.json", config.to_dict())
-    log = MetricsLog(out)
+    distributed.barrier("bpjax: workdir ready")
+    every = config.checkpoint.every
+    ckpt = Checkpointer(out / CHECKPOINTS, config, strategy) if out and (every or resume) else None
+    log = MetricsLog(out if leader else None, append=resume)
     evaluate = make_evaluator(problem, ds)
     k = t.steps_per_call
-    calls = t.steps // k
+    rows = strategy.batch_rows(t.batch_size)
     wall_start = time.perf_counter()
 
-    state = strategy.init(jax.random.key(config.seed))
-    first_batch = strategy.shard_batch(batches.stack(0, k))
+    state = ckpt.restore(start) if resume else strategy.init(jax.random.key(config.seed))
+    first_batch = strategy.shard_batch(batches.stack(start, k, rows))
     compile_start = time.perf_counter()
     step_fn = strategy.step.lower(state, first_batch).compile()
     compile_seconds = time.perf_counter() - compile_start
 
-    progress = Progress(t.steps, t.progress, desc=f"{config.name} [{strategy.name}]")
+    progress = Progress(t.steps, t.progress if leader else "off", desc=f"{config.name} [{strategy.name}]")
+    progress.advance(start)
     train_seconds = 0.0  # time spent in training calls, evaluation and logging excluded
-    window_seconds, window_steps, window_metrics = 0.0, 0, []  # since the last logged row
+    window_seconds, window_steps, window = 0.0, 0, []  # since the last logged row; window: host metrics
+    pending = []  # device metrics since the last sync
     chunk_start = time.perf_counter()  # since the last sync
-    last_sync = 0
+    last_sync = start
+    bad_in_a_row, nonfinite_steps = 0, 0
     row: dict[str, Any] = {}
     try:
-        for call in range(calls):
-            batch = first_batch if call == 0 else strategy.shard_batch(batches.stack(call * k, k))
+        for call in range(start // k, t.steps // k):
+            batch = (
+                first_batch if call == start // k else strategy.shard_batch(batches.stack(call * k, k, rows))
+            )
             state, metrics = step_fn(state, batch)
             done = (call + 1) * k
             window_steps += k
-            window_metrics.append(metrics)
+            pending.append(metrics)
             progress.advance(k)
+            faults.after_step(done, distributed.process_index())
             log_now = done == t.steps or (t.log_every and (done // t.log_every) > ((done - k) // t.log_every))
             eval_now = done == t.steps or (t.eval_every and done % t.eval_every == 0)
-            if not (log_now or eval_now or done - last_sync >= t.sync_every):
+            save_now = ckpt is not None and every and (done % every == 0 or done == t.steps)
+            if not (log_now or eval_now or save_now or done - last_sync >= t.sync_every):
                 continue
             # Block: forced CPU devices deadlock with too many calls queued, and timings need it anyway.
-            host = strategy.gather(metrics)
-            last_sync = done
+            hosts = [strategy.gather(m) for m in pending]
+            losses = np.concatenate([np.reshape(h["loss"], -1) for h in hosts])
             elapsed = time.perf_counter() - chunk_start
             train_seconds += elapsed
             window_seconds += elapsed
+            for i, loss in enumerate(losses):
+                if np.isfinite(loss):
+                    bad_in_a_row = 0
+                    continue
+                nonfinite_steps += 1
+                bad_in_a_row += 1
+                if t.nonfinite == "stop" or bad_in_a_row > t.max_skipped:
+                    _stop_nonfinite(last_sync + i + 1, float(loss), t, ckpt, out)
+            last_sync, pending = done, []
+            window.extend(hosts)
+            if save_now:
+                ckpt.save(done, state)
             if log_now or eval_now:
-                window = [strategy.gather(m) for m in window_metrics]
                 means = {
                     key: float(np.concatenate([np.reshape(m[key], -1) for m in window]).mean())
-                    for key in host
+                    for key in window[-1]
                 }
                 row = {
                     "step": done,
-                    "train_loss": float(host["loss"][-1]),
+                    "train_loss": float(losses[-1]),
                     "train_loss_mean": means.pop("loss"),
                     "samples_per_second": window_steps * t.batch_size / max(window_seconds, 1e-9),
                 }
@@ -210,11 +323,14 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
                     row.update(evaluate(strategy.gather(state).params))
                 log.write(row)
                 progress.log(row)
-                window_seconds, window_steps, window_metrics = 0.0, 0, []
+                window_seconds, window_steps, window = 0.0, 0, []
             chunk_start = time.perf_counter()
     finally:
         progress.close()
         log.close()
+        if ckpt is not None:
+            ckpt.wait()  # the last checkpoint is complete on disk before the run returns or raises
+            ckpt.close()
 
     final = strategy.gather(state)
     summary = {
@@ -222,23 +338,46 @@ def run(config: mlc.ConfigDict, workdir: str | Path | None = None, *, overwrite:
         "strategy": strategy.name,
         "layout": strategy.layout,
         "num_devices": strategy.num_devices,
+        "processes": jax.process_count(),
         "data_parallel": strategy.data_parallel,
         "mesh": dict(strategy.mesh.shape) if strategy.mesh is not None else {},
         "model": describe(problem.model, ds.num_features),
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(final.params))),
         "data": repr(ds),
         "steps": t.steps,
+        "resumed_from_step": start if resume else None,
         "batch_size": t.batch_size,
         "steps_per_call": k,
+        "nonfinite_steps": nonfinite_steps,
         "final_train_loss": row.get("train_loss"),
         "eval_loss": row.get("eval_loss"),
         "eval_accuracy": row.get("eval_accuracy"),
-        "samples_per_second": t.steps * t.batch_size / max(train_seconds, 1e-9),
+        "samples_per_second": (t.steps - start) * t.batch_size / max(train_seconds, 1e-9),
         "compile_seconds": compile_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
         "backend": jax.default_backend(),
         "jax_version": jax.__version__,
     }
-    if out:
+    if out and leader:
         write_json(out / "summary.json", summary)
     return RunResult(config, summary, log.rows, final, out)
+
+
+def _stop_nonfinite(step: int, loss: float, t, ckpt: Checkpointer | None, out: Path | None) -> None:
+    if ckpt is not None:
+        ckpt.wait()
+    last = ckpt.latest_step() if ckpt is not None else None
+    kept = (
+        f"the last good checkpoint is step {last} in {out / CHECKPOINTS}"
+        if last is not None
+        else "no checkpoint was saved"
+    )
+    skip = (
+        f"more than train.max_skipped={t.max_skipped} steps in a row were non-finite"
+        if t.nonfinite == "skip"
+        else "set train.nonfinite=skip to skip such steps"
+    )
+    raise TrainingStopped(
+        f"the training loss became {loss} at step {step}; stopped ({kept}); lower optimizer.learning_rate, "
+        f"set optimizer.clip_norm, or {skip}"
+    )

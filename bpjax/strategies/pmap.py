@@ -4,9 +4,11 @@ Layout: ``In[B_data, D] . W[D, F]`` with W replicated; every leaf carries a lead
 
 Since JAX 0.8, ``pmap`` is ``jit`` + ``shard_map`` underneath and in maintenance mode; this strategy is
 kept because users ask for it, and written the way the new implementation is fastest:
-  * the state is initialised *on every device* by a pmapped ``init`` from one replicated key, so full
-    parameters are never built on one device and copied;
-  * batches are placed with a ``NamedSharding`` over the pmap devices, which the new pmap takes as is;
+  * the state is initialised *on every device* by a jitted, vmapped ``init`` from one replicated key
+    whose output sharding puts copy i on device i, so full parameters are never built on one device
+    and copied (this also works across processes, where a pmapped init would need local keys);
+  * batches are placed with a ``NamedSharding`` over the pmap devices, which the new pmap takes as is
+    (across processes, each process supplies the rows of its own devices);
   * results are read with ``x.addressable_shards[0].data`` rather than ``x[0]`` (70x faster).
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from bpjax.devices import mesh_axes, resolve_mesh_shape
 from bpjax.step import Problem, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Checkpointing, Strategy, rows_held
 
 AXIS = "data"
 
@@ -34,25 +36,51 @@ def make(problem: Problem, parallel) -> Strategy:
         # the global mean, and likewise for the gradients.
         return problem.train_step(state, batch, reduce=lambda t: jax.lax.pmean(t, AXIS))
 
-    pmapped_init = jax.pmap(problem.init, axis_name=AXIS, devices=devices)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    n_local = sum(d.process_index == jax.process_index() for d in devices)
+    batched_init = jax.jit(jax.vmap(problem.init), out_shardings=per_device)
 
     def init(key):
-        return pmapped_init(jnp.broadcast_to(key, (n,)))
+        return batched_init(jnp.broadcast_to(key, (n,)))
 
     def shard_batch(batch):
-        # [K, B, ...] -> [n, K, B/n, ...]: device i gets examples i*B/n .. (i+1)*B/n of every step, the
-        # same split as the jit strategies' P(None, "data").
+        # [K, b, ...] -> [n_local, K, B/n, ...]: device i gets examples i*B/n .. (i+1)*B/n of every step,
+        # the same split as the jit strategies' P(None, "data"); b is this process's rows (all of B in one).
         def split(a):
             a = np.asarray(a)
             k, b = a.shape[:2]
-            a = a.reshape(k, n, b // n, *a.shape[2:]).swapaxes(0, 1)
-            return jax.device_put(a, per_device)
+            a = a.reshape(k, n_local, b // n_local, *a.shape[2:]).swapaxes(0, 1)
+            if jax.process_count() == 1:
+                return jax.device_put(a, per_device)
+            return jax.make_array_from_process_local_data(per_device, a)
 
         return jax.tree.map(split, batch)
+
+    def batch_rows(size):
+        return rows_held(jax.sharding.NamedSharding(mesh, jax.P(None, AXIS)), size)
 
     def gather(tree):
         # Every device holds the same values; read device 0's copy without its leading axis.
         return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
+
+    def one_copy(x):
+        # [n, ...] with copy i on device i -> [...] replicated: the same buffers, viewed without the axis.
+        shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays(x.shape[1:], replicated, shards)
+
+    def per_device_copies(x):
+        shards = [s.data[None] for s in x.addressable_shards]
+        return jax.make_array_from_single_device_arrays((n, *x.shape), per_device, shards)
+
+    reference = jax.eval_shape(problem.init, jax.random.key(0))
+    checkpointing = Checkpointing(
+        portable=True,
+        target=lambda: jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), reference
+        ),
+        save=lambda state: jax.tree.map(one_copy, state),
+        load=lambda tree: jax.tree.map(per_device_copies, tree),
+    )
 
     return Strategy(
         name="pmap",
@@ -64,4 +92,7 @@ def make(problem: Problem, parallel) -> Strategy:
         step=jax.pmap(fuse_steps(local_step), axis_name=AXIS, devices=devices, donate_argnums=0),
         gather=gather,
         mesh=mesh,
+        batch_rows=batch_rows,
+        checkpointing=checkpointing,
+        multi_process=True,
     )

@@ -27,7 +27,7 @@ import optax
 
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.step import Problem, TrainState, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Strategy, jit_checkpointing, place_batch, rows_held, to_host
 from bpjax.strategies.rules import Rules, batch_specs, param_specs
 
 
@@ -121,14 +121,20 @@ def rule_based(
             k: jax.sharding.NamedSharding(mesh, s) for k, s in batch_specs(rules, mesh_shape, y_ndim).items()
         }
 
+    x_sharding = batch_shardings(1)["x"]
+    init = jax.jit(problem.init, out_shardings=state_sh)
     return Strategy(
         name=name,
         layout=layout,
         devices=tuple(mesh.devices.flat),
         data_parallel=mesh_shape[batch_axis] if batch_axis else 1,
-        init=jax.jit(problem.init, out_shardings=state_sh),
-        shard_batch=lambda batch: jax.device_put(batch, batch_shardings(np.ndim(batch["y"]) - 1)),
+        init=init,
+        shard_batch=lambda batch: place_batch(batch, batch_shardings(np.ndim(batch["y"]) - 1)),
         step=jax.jit(fuse_steps(step), out_shardings=(state_sh, replicated), donate_argnums=0),
-        gather=lambda tree: jax.tree.map(np.asarray, jax.device_get(tree)),
+        gather=to_host,
         mesh=mesh,
+        batch_rows=lambda batch_size: rows_held(x_sharding, batch_size),
+        checkpointing=jit_checkpointing(init, portable=True),
+        # Processes load whole rows of each batch; a batch cut by features (dp partition=feature) is not.
+        multi_process=all(a is None for a in tuple(x_sharding.spec)[2:]),
     )

@@ -11,19 +11,21 @@ import jax
 import numpy as np
 
 from bpjax.step import Problem, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Strategy, jit_checkpointing
 
 
 def make(problem: Problem, parallel) -> Strategy:
     device = jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
+    init = jax.jit(problem.init, out_shardings=sharding)
     return Strategy(
         name="single",
         layout="In[B, D] · W[D, F] -> Out[B, O] on one device",
         devices=(device,),
         data_parallel=1,
-        init=jax.jit(problem.init, out_shardings=sharding),
+        init=init,
         shard_batch=lambda batch: jax.device_put(batch, sharding),
         step=jax.jit(fuse_steps(problem.train_step), donate_argnums=0),
         gather=lambda tree: jax.tree.map(np.asarray, jax.device_get(tree)),
+        checkpointing=jit_checkpointing(init, portable=True),
     )

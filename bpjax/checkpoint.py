@@ -1,0 +1,164 @@
+"""Checkpoints with orbax-checkpoint: saved in the background, the last K kept, resumed bit-identically,
+restored under another strategy.
+
+A checkpoint is a folder ``WORKDIR/checkpoints/STEP/`` with two items:
+  state   the strategy's state as `Strategy.checkpointing` says: for the portable strategies (single,
+          pmap, dp, fsdp, tensor, hybrid) a TrainState in the reference structure, whose arrays orbax
+          writes shard by shard from every process and reads back into any other layout (resharding);
+  meta    JSON: the step, the strategy and its mesh, and the config sections that must match to resume.
+
+Nothing else is needed to resume bit-identically: the data order and every random draw are pure
+functions of (seed, step). orbax writes into a temporary folder and renames it when complete, so a
+process killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from bpjax import faults
+from bpjax.errors import UserError
+from bpjax.strategies.base import Strategy
+
+# Config sections (or keys) a resumed run must share with the run that saved: they fix the model, the
+# optimizer, the data and its order. Steps, strategy, mesh, logging and checkpoint settings may change.
+CHECKPOINTS = "checkpoints"  # the folder inside a run's workdir
+MUST_MATCH = ("seed", "data", "model", "optimizer", "train.batch_size", "train.loss", "train.nonfinite")
+
+
+def _get(config: dict, dotted: str):
+    for part in dotted.split("."):
+        config = config.get(part, {}) if isinstance(config, dict) else None
+    return config
+
+
+def _options(config) -> ocp.CheckpointManagerOptions:
+    c = config.checkpoint
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=c.keep,
+        enable_async_checkpointing=c.async_save,
+        create=True,
+    )
+
+
+class Checkpointer:
+    """Saves a strategy's state every ``checkpoint.every`` steps into ``directory``; restores it."""
+
+    def __init__(self, directory: str | Path, config, strategy: Strategy, *, create: bool = True):
+        self.directory = Path(directory).absolute()
+        self.config = config
+        self.strategy = strategy
+        self.codec = strategy.checkpoint_codec()
+        options = _options(config)
+        if not create:
+            options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def meta(self, step: int) -> dict[str, Any]:
+        s = self.strategy
+        return {
+            "step": step,
+            "strategy": s.name,
+            "portable": self.codec.portable,
+            "mesh": dict(s.mesh.shape) if s.mesh is not None else {},
+            "num_devices": s.num_devices,
+            "config": {key: _to_json(_get(self.config.to_dict(), key)) for key in MUST_MATCH},
+        }
+
+    def save(self, step: int, state) -> None:
+        """Start saving ``state`` as step ``step``; returns once the arrays are copied off the devices."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.codec.save(state)),
+                meta=ocp.args.JsonSave(self.meta(step)),
+            ),
+            force=True,
+        )
+        faults.during_save(step)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def check(self, step: int) -> dict[str, Any]:
+        """Raise a one-line `UserError` if checkpoint ``step`` cannot be restored into this run."""
+        where = self.directory / str(step)
+        try:
+            meta = self.read_meta(step)
+        except Exception as e:  # noqa: BLE001  (any unreadable folder is the user's to fix)
+            raise UserError(
+                f"checkpoint {where} cannot be read ({type(e).__name__}); delete it or resume another"
+            ) from None
+        ours = self.meta(step)
+        for key in MUST_MATCH:
+            if meta["config"].get(key) != ours["config"][key]:
+                raise UserError(
+                    f"checkpoint {where} was written with {key}={_short(meta['config'].get(key))}, this run has "
+                    f"{_short(ours['config'][key])}; use the same {key} to resume, or a new --workdir"
+                )
+        same_layout = meta["strategy"] == ours["strategy"] and meta["mesh"] == ours["mesh"]
+        if meta["portable"] and not ours["portable"] and not same_layout:
+            raise UserError(
+                f"{ours['strategy']} keeps state of its own and resumes only from its own checkpoints with the "
+                f"same mesh; {where} holds {meta['strategy']} state: use a new --workdir"
+            )
+        if not (meta["portable"] and ours["portable"]) and not same_layout:
+            mesh = ",".join(f"{a}={n}" for a, n in meta["mesh"].items())
+            raise UserError(
+                f"checkpoint {where} holds {meta['strategy']} state (mesh {mesh}), which restores only under "
+                f"{meta['strategy']} with that mesh; resume with --set parallel.strategy={meta['strategy']}, "
+                f"or train the portable strategies (single, pmap, dp, fsdp, tensor, hybrid)"
+            )
+        return meta
+
+    def restore(self, step: int):
+        """The state saved at ``step``, laid out for this run's strategy (resharded as needed)."""
+        self.check(step)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self.codec.target()))
+        )
+        return self.codec.load(restored["state"])
+
+    def wait(self) -> None:
+        """Block until background saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _to_json(value):
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def restore_latest(directory: str | Path, config, strategy: Strategy):
+    """``(step, state)`` of the latest checkpoint in ``directory``, laid out for ``strategy``."""
+    ckpt = Checkpointer(directory, config, strategy, create=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"no complete checkpoint in {directory}")
+        return step, ckpt.restore(step)
+    finally:
+        ckpt.close()
+
+
+def abstract_like(tree) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

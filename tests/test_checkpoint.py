@@ -1,0 +1,222 @@
+"""Checkpoints: bit-identical resume after SIGKILL, a crash mid-save, resharding across strategies,
+and NaN/Inf losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bpjax import config as cfg_lib
+from bpjax.checkpoint import Checkpointer, restore_latest
+from bpjax.errors import TrainingStopped, UserError
+from bpjax.metrics import read_jsonl
+from bpjax.testing import train_steps
+from bpjax.train import prepare, run
+
+EXPERIMENT = "experiments/mnist1d_dp.py"
+BASE = [
+    "model.hidden=(32, 24)",
+    "train.log_every=8",
+    "train.eval_every=0",
+    "train.progress=off",
+    "checkpoint.keep=2",
+]
+
+
+def config(root, *overrides):
+    return cfg_lib.load(root / EXPERIMENT, [*BASE, *overrides])
+
+
+def assert_trees_equal(actual, expected):
+    a, a_def = jax.tree.flatten(actual)
+    e, e_def = jax.tree.flatten(expected)
+    assert a_def == e_def
+    for x, y in zip(a, e, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def bpjax_run(root, cfg_overrides, workdir, env=None):
+    """``bpjax run`` in a subprocess, its stderr in ``WORKDIR.err``."""
+    cmd = [sys.executable, "-m", "bpjax", "run", str(root / EXPERIMENT), "--workdir", str(workdir)]
+    cmd += [f"--set={o}" for o in [*BASE, *cfg_overrides]]
+    with open(workdir.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=root, env=env, start_new_session=True
+        )
+
+
+def stderr_of(workdir) -> str:
+    return workdir.with_suffix(".err").read_text()[-2000:]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k != "samples_per_second"} for r in rows]
+
+
+def test_resume_after_sigkill_is_bit_identical(root, tmp_path):
+    overrides = ["train.steps=1200", "checkpoint.every=48", "train.steps_per_call=4"]
+    reference = run(config(root, *overrides), tmp_path / "whole")
+
+    # Kill at a random moment of the run (seeded, so a failure can be replayed).
+    proc = bpjax_run(root, overrides, tmp_path / "killed")
+    ckpts = tmp_path / "killed/checkpoints"
+    end = time.monotonic() + 90
+    while not (ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.monotonic() < end, stderr_of(tmp_path / "killed")
+        time.sleep(0.02)
+    time.sleep(np.random.default_rng(int(os.environ.get("BPJAX_TEST_SEED", "0"))).uniform(0.0, 0.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    step, _ = restore_latest(ckpts, config(root, *overrides), prepare(config(root, *overrides)).strategy)
+    assert 0 < step < 1200, f"killed at checkpoint {step}: not mid-run"
+
+    resumed = run(config(root, *overrides), tmp_path / "killed", resume=True)
+    assert resumed.summary["resumed_from_step"] == step
+    assert_trees_equal(resumed.state, reference.state)
+    # The log reads as one run: rows up to the checkpoint kept, the rest written again, same values.
+    assert without_timing(read_jsonl(tmp_path / "killed/metrics.jsonl")) == without_timing(
+        read_jsonl(tmp_path / "whole/metrics.jsonl")
+    )
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(root, tmp_path):
+    overrides = ["train.steps=48", "checkpoint.every=16"]
+    env = dict(os.environ, BPJAX_FAULT="kill_in_save:32")
+    proc = bpjax_run(root, overrides, tmp_path / "run", env=env)
+    assert proc.wait(timeout=90) == -signal.SIGKILL, stderr_of(tmp_path / "run")
+    cfg = config(root, *overrides)
+    ckpt = Checkpointer(tmp_path / "run/checkpoints", cfg, prepare(cfg).strategy, create=False)
+    assert ckpt.latest_step() == 16  # step 32 was never completed
+    ckpt.close()
+    resumed = run(cfg, tmp_path / "run", resume=True)
+    assert resumed.summary["resumed_from_step"] == 16
+    assert_trees_equal(resumed.state, run(cfg).state)
+
+
+# Every pair of these, saved by the first and restored by the second, gives the saved state bit-exactly.
+LAYOUTS = {
+    "single": ["parallel.strategy=single"],
+    "pmap": ["parallel.strategy=pmap"],
+    "dp4": ["parallel.strategy=dp", "parallel.mesh.data=4"],
+    "fsdp": ["parallel.strategy=fsdp"],
+    "tensor": ["parallel.strategy=tensor", "parallel.mesh.model=8"],
+    "hybrid": ["parallel.strategy=hybrid", "parallel.mesh.data=2", "parallel.mesh.model=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, request):
+    """One checkpoint per layout, each after 3 steps, and its state in the reference layout."""
+    root = request.config.rootpath
+    out = {}
+    for name, overrides in LAYOUTS.items():
+        cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *overrides, "checkpoint.async_save=False"])
+        setup = prepare(cfg)
+        _, state_ref, _ = train_steps(setup.strategy, setup.batches, 3)
+        state = setup.strategy.init(jax.random.key(cfg.seed))
+        for s in range(3):
+            state, _ = setup.strategy.step(state, setup.strategy.shard_batch(setup.batches.stack(s, 1)))
+        directory = tmp_path_factory.mktemp(name)
+        ckpt = Checkpointer(directory, cfg, setup.strategy)
+        ckpt.save(3, state)
+        ckpt.wait()
+        ckpt.close()
+        out[name] = (directory, state_ref)
+    return out
+
+
+@pytest.mark.parametrize("target", list(LAYOUTS))
+@pytest.mark.parametrize("source", list(LAYOUTS))
+def test_restore_under_another_strategy(root, saved, source, target):
+    directory, expected = saved[source]
+    cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *LAYOUTS[target]])
+    strategy = prepare(cfg).strategy
+    step, state = restore_latest(directory, cfg, strategy)
+    assert step == 3
+    assert_trees_equal(strategy.gather(state), expected)
+    # The restored state has the target's layout: it trains there.
+    state, metrics = strategy.step(state, strategy.shard_batch(prepare(cfg).batches.stack(3, 1)))
+    assert np.isfinite(strategy.gather(metrics)["loss"]).all()
+
+
+def test_strategy_with_state_of_its_own_restores_only_itself(root, saved):
+    directory, _ = saved["tensor"]
+    cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, "parallel.strategy=async", "parallel.staleness=1"])
+    with pytest.raises(
+        UserError, match=r"^async keeps state of its own .* holds tensor state: use a new --workdir$"
+    ):
+        restore_latest(directory, cfg, prepare(cfg).strategy)
+
+
+def test_async_resumes_bit_identically(root, tmp_path, monkeypatch):
+    # async's state holds its parameter history; the run fails after step 13 and resumes from step 12.
+    cfg = config(
+        root, "parallel.strategy=async", "parallel.staleness=2", "parallel.random_staleness=True",
+        "train.steps=24", "checkpoint.every=12",
+    )  # fmt: skip
+    whole = run(cfg)
+    monkeypatch.setenv("BPJAX_FAULT", "raise:13:0")
+    with pytest.raises(RuntimeError, match="fault injected"):
+        run(cfg, tmp_path / "run")
+    monkeypatch.delenv("BPJAX_FAULT")
+    resumed = run(cfg, tmp_path / "run", resume=True)
+    assert resumed.summary["resumed_from_step"] == 12
+    assert_trees_equal(resumed.state, whole.state)
+
+
+@pytest.fixture
+def spiky(tmp_path):
+    """A regression set whose one huge target overflows the float32 loss: one bad step per epoch."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = x @ rng.normal(size=(4, 1)).astype(np.float32)
+    y[5] = 1e30
+    path = tmp_path / "spiky.npz"
+    np.savez(path, x=x, y=y)
+    return [
+        "data.name=npz",
+        f"data.path={path}",
+        "data.task=regression",
+        "data.standardize=False",
+        "train.loss=mse",
+        "train.batch_size=8",
+        "train.steps=48",
+        "optimizer.learning_rate=1e-3",
+    ]
+
+
+def bad_steps(batches) -> list[int]:
+    """The (0-based) steps whose batch holds the huge target."""
+    return [s for s in range(48) if (batches.batch(s)["y"] > 1e29).any()]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(root, tmp_path, spiky):
+    cfg = config(root, *spiky, "checkpoint.every=1", "train.sync_every=1", "checkpoint.async_save=False")
+    first_bad = 1 + bad_steps(prepare(cfg).batches)[0]
+    with pytest.raises(TrainingStopped) as e:
+        run(cfg, tmp_path / "run")
+    message = str(e.value)
+    assert (
+        f"the training loss became inf at step {first_bad}; stopped (the last good checkpoint is step "
+        in message
+    )
+    assert "set train.nonfinite=skip to skip such steps" in message
+    ckpt = Checkpointer(tmp_path / "run/checkpoints", cfg, prepare(cfg).strategy, create=False)
+    assert ckpt.latest_step() == first_bad - 1
+    ckpt.close()
+    assert not (tmp_path / "run/summary.json").exists()
+
+
+def test_nonfinite_skip_skips_those_steps(root, spiky):
+    result = run(config(root, *spiky, "train.nonfinite=skip"))
+    bad = bad_steps(prepare(config(root, *spiky)).batches)
+    assert result.summary["nonfinite_steps"] == len(bad) > 1
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result.state.params))
+    assert result.summary["final_train_loss"] is not None
