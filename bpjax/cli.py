@@ -92,6 +92,8 @@ def _run(args) -> int:
     config = cfg_lib.load(args.experiment, args.overrides)
     if args.resume and not args.workdir:
         raise UserError("--resume needs the --workdir of the run to continue")
+    if not args.workdir and distributed.detect() is not None:
+        raise UserError("a multi-process run needs --workdir: every process must write to the same folder")
     workdir = args.workdir or _default_workdir(config)
 
     from bpjax.train import run

@@ -18,6 +18,7 @@ gloo on CPUs). bpjax adds three things around ``jax.distributed.initialize``:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -92,13 +93,23 @@ def initialize(distributed_config) -> bool:
     import jax
 
     d = distributed_config
+    timeouts = {
+        "initialization_timeout": int(d.init_timeout_s),
+        "heartbeat_timeout_seconds": int(d.heartbeat_timeout_s),
+        "shutdown_timeout_seconds": int(d.shutdown_timeout_s),
+    }
+    known = inspect.signature(jax.distributed.initialize).parameters
+    missing = [k for k in timeouts if k not in known]
+    if missing:  # a JAX that renamed them: say so rather than silently wait for its defaults
+        print(
+            f"bpjax: this JAX's jax.distributed.initialize has no {missing}; using its defaults",
+            file=sys.stderr,
+        )
     jax.distributed.initialize(
         coordinator_address=cluster.coordinator_address,
         num_processes=cluster.num_processes if cluster.coordinator_address else None,
         process_id=cluster.process_id,
-        initialization_timeout=int(d.init_timeout_s),
-        heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
-        shutdown_timeout_seconds=int(d.shutdown_timeout_s),
+        **{k: v for k, v in timeouts.items() if k in known},
     )
     _STARTED = True
     return True

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
@@ -128,7 +129,7 @@ def _check_workdir(workdir: str | Path | None, overwrite: bool, resume: bool) ->
             "--resume continues the run in --workdir and --overwrite replaces it; pass one of them"
         )
     if resume:
-        if not (workdir / "checkpoints").is_dir():
+        if not (workdir / CHECKPOINTS).is_dir():
             raise UserError(
                 f"--resume: {workdir} holds no checkpoints; run without --resume (checkpoint.every > 0 saves them)"
             )
@@ -305,6 +306,9 @@ def run(
             last_sync, pending = done, []
             window.extend(hosts)
             if save_now:
+                # The losses were finite, but the last update may not have been: never save such a state.
+                if not bool(all_finite(state)):
+                    _stop_nonfinite(done, float("nan"), t, ckpt, out, what="the parameters became")
                 ckpt.save(done, state)
             if log_now or eval_now:
                 means = {
@@ -363,7 +367,21 @@ def run(
     return RunResult(config, summary, log.rows, final, out)
 
 
-def _stop_nonfinite(step: int, loss: float, t, ckpt: Checkpointer | None, out: Path | None) -> None:
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when no floating-point leaf of ``tree`` holds a NaN or Inf (one fused reduction)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _stop_nonfinite(
+    step: int,
+    value: float,
+    t,
+    ckpt: Checkpointer | None,
+    out: Path | None,
+    what: str = "the training loss became",
+) -> None:
     if ckpt is not None:
         ckpt.wait()
     last = ckpt.latest_step() if ckpt is not None else None
@@ -378,6 +396,6 @@ def _stop_nonfinite(step: int, loss: float, t, ckpt: Checkpointer | None, out: P
         else "set train.nonfinite=skip to skip such steps"
     )
     raise TrainingStopped(
-        f"the training loss became {loss} at step {step}; stopped ({kept}); lower optimizer.learning_rate, "
+        f"{what} {value} at step {step}; stopped ({kept}); lower optimizer.learning_rate, "
         f"set optimizer.clip_norm, or {skip}"
     )

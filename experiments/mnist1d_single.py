@@ -22,6 +22,7 @@ def get_config():
     c.train.batch_size = 128
     c.train.eval_every = 250
     c.train.log_every = 50
+    c.checkpoint.every = 500  # orbax, in the background; resume with --resume --workdir RUN
     c.parallel.strategy = "single"
     c.parallel.cpu_devices = 8  # unused by single; lets the pmap and dp runs share one process with it
     return c

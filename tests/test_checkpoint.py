@@ -17,7 +17,6 @@ from bpjax import config as cfg_lib
 from bpjax.checkpoint import Checkpointer, restore_latest
 from bpjax.errors import TrainingStopped, UserError
 from bpjax.metrics import read_jsonl
-from bpjax.testing import train_steps
 from bpjax.train import prepare, run
 
 EXPERIMENT = "experiments/mnist1d_dp.py"
@@ -112,37 +111,46 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, request):
-    """One checkpoint per layout, each after 3 steps, and its state in the reference layout."""
+def targets(request):
+    """Each layout's setup, built once (so that each compiles its step once)."""
     root = request.config.rootpath
     out = {}
     for name, overrides in LAYOUTS.items():
-        cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *overrides, "checkpoint.async_save=False"])
-        setup = prepare(cfg)
-        _, state_ref, _ = train_steps(setup.strategy, setup.batches, 3)
+        cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *overrides])
+        out[name] = (cfg, prepare(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, targets):
+    """One checkpoint per layout, each after 3 steps, and its state in the reference layout."""
+    out = {}
+    for name, (cfg, setup) in targets.items():
         state = setup.strategy.init(jax.random.key(cfg.seed))
         for s in range(3):
             state, _ = setup.strategy.step(state, setup.strategy.shard_batch(setup.batches.stack(s, 1)))
         directory = tmp_path_factory.mktemp(name)
-        ckpt = Checkpointer(directory, cfg, setup.strategy)
+        ckpt = Checkpointer(
+            directory, cfg_lib.apply_overrides(cfg, ["checkpoint.async_save=False"]), setup.strategy
+        )
         ckpt.save(3, state)
         ckpt.wait()
         ckpt.close()
-        out[name] = (directory, state_ref)
+        out[name] = (directory, setup.strategy.gather(state))
     return out
 
 
 @pytest.mark.parametrize("target", list(LAYOUTS))
 @pytest.mark.parametrize("source", list(LAYOUTS))
-def test_restore_under_another_strategy(root, saved, source, target):
+def test_restore_under_another_strategy(saved, targets, source, target):
     directory, expected = saved[source]
-    cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *LAYOUTS[target]])
-    strategy = prepare(cfg).strategy
+    cfg, setup = targets[target]
+    strategy = setup.strategy
     step, state = restore_latest(directory, cfg, strategy)
     assert step == 3
     assert_trees_equal(strategy.gather(state), expected)
     # The restored state has the target's layout: it trains there.
-    state, metrics = strategy.step(state, strategy.shard_batch(prepare(cfg).batches.stack(3, 1)))
+    state, metrics = strategy.step(state, strategy.shard_batch(setup.batches.stack(3, 1)))
     assert np.isfinite(strategy.gather(metrics)["loss"]).all()
 
 
