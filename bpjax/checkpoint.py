@@ -97,11 +97,12 @@ class Checkpointer:
                 f"checkpoint {where} cannot be read ({type(e).__name__}); delete it or resume another"
             ) from None
         ours = self.meta(step)
-        for key in MUST_MATCH:
-            if meta["config"].get(key) != ours["config"][key]:
+        theirs_flat, ours_flat = _flat(meta["config"]), _flat(ours["config"])
+        for key in sorted(set(theirs_flat) | set(ours_flat)):
+            if theirs_flat.get(key) != ours_flat.get(key):
                 raise UserError(
-                    f"checkpoint {where} was written with {key}={_short(meta['config'].get(key))}, this run has "
-                    f"{_short(ours['config'][key])}; use the same {key} to resume, or a new --workdir"
+                    f"checkpoint {where} was written with {key}={_short(theirs_flat.get(key))}, this run has "
+                    f"{_short(ours_flat.get(key))}; resume with the same {key}, or start a new --workdir"
                 )
         same_layout = meta["strategy"] == ours["strategy"] and meta["mesh"] == ours["mesh"]
         if meta["portable"] and not ours["portable"] and not same_layout:
@@ -140,6 +141,16 @@ def _to_json(value):
     if isinstance(value, tuple | list):
         return [_to_json(v) for v in value]
     return value
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """``{"model": {"hidden": [32]}}`` -> ``{"model.hidden": [32]}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+    return out
 
 
 def _short(value) -> str:

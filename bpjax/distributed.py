@@ -218,17 +218,18 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
     deadline = None
     try:
         while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                code = p.poll()
-                if code not in (None, 0) and first_failure is None:
-                    first_failure = (rank, code)
-                    deadline = time.monotonic() + grace_s
-                    print(
-                        f"bpjax launch: process {rank} {_describe_exit(code)}; waiting up to {grace_s:g} s "
-                        f"for the others to stop",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+            failed = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed and first_failure is None:
+                # Several may be seen at once; one that JAX aborted (SIGABRT) is a consequence, not the cause.
+                first_failure = min(failed, key=lambda f: f[1] == -signal.SIGABRT)
+                deadline = time.monotonic() + grace_s
+                rank, code = first_failure
+                print(
+                    f"bpjax launch: process {rank} {_describe_exit(code)}; waiting up to {grace_s:g} s "
+                    f"for the others to stop",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if deadline is not None and time.monotonic() > deadline:
                 print(
                     f"bpjax launch: processes still running after {grace_s:g} s; killing them",
@@ -244,7 +245,19 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
     codes = [p.wait() for p in procs]
     if all(c == 0 for c in codes):
         return 0
-    summary = ", ".join(f"process {r} {_describe_exit(c)}" for r, c in enumerate(codes))
-    print(f"error: the run failed: {summary}", file=sys.stderr, flush=True)
-    rank, code = first_failure if first_failure else next((r, c) for r, c in enumerate(codes) if c)
-    return code if code > 0 else 1
+    cause = first_failure or min(
+        ((r, c) for r, c in enumerate(codes) if c), key=lambda f: f[1] == -signal.SIGABRT
+    )
+
+    def what(rank: int, code: int) -> str:
+        if code == -signal.SIGABRT and rank != cause[0]:
+            return f"process {rank} aborted (SIGABRT: JAX stops a process that loses a peer)"
+        return f"process {rank} {_describe_exit(code)}"
+
+    others = [what(r, c) for r, c in enumerate(codes) if r != cause[0]]
+    print(
+        f"error: the run failed: {what(*cause)}; then " + ", ".join(others),
+        file=sys.stderr,
+        flush=True,
+    )
+    return cause[1] if cause[1] > 0 else 1

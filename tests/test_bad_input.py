@@ -22,12 +22,21 @@ EXP = "experiments/mnist1d_dp.py"
 # A finished run with checkpoints, copied into every case's folder as ``old/`` (the resume cases use it;
 # for the others it is the earlier work that must survive untouched).
 OLD_RUN = [
+    "model.hidden=(32,)",
     "train.steps=8",
     "train.log_every=4",
     "train.eval_every=0",
-    "model.hidden=(32,)",
     "checkpoint.every=4",
 ]
+
+
+def sets(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def resume(*changes: str) -> list[str]:
+    """Resume ``old/`` (to step 16) with ``changes`` to its config."""
+    return ["--workdir", "{tmp}/old", "--resume", *sets(*OLD_RUN, "train.steps=16", *changes)]
 
 
 def files(tmp_path):
@@ -53,113 +62,99 @@ def files(tmp_path):
 CASES = {
     # Config keys, types and values.
     "unknown key": (
-        ["--set", "train.batchsize=64"],
+        sets("train.batchsize=64"),
         "unknown config key 'train.batchsize'; did you mean 'train.batch_size'?",
     ),
     "unknown strategy": (
-        ["--set", "parallel.strategy=tensr"],
+        sets("parallel.strategy=tensr"),
         "unknown strategy 'tensr'; did you mean 'tensor'?",
     ),
-    "wrong type": (["--set", "train.steps=many"], "train.steps must be of type int (like 3000), got 'many'"),
+    "wrong type": (sets("train.steps=many"), "train.steps must be of type int (like 3000), got 'many'"),
     "not a bool": (
-        ["--set", "parallel.random_staleness=3"],
+        sets("parallel.random_staleness=3"),
         "parallel.random_staleness must be True or False",
     ),
-    "a section": (["--set", "train=5"], "'train' is a section; set one of its keys"),
-    "no equals sign": (["--set", "train.steps"], "--set takes key=value, got 'train.steps'"),
+    "a section": (sets("train=5"), "'train' is a section; set one of its keys"),
+    "no equals sign": (sets("train.steps"), "--set takes key=value, got 'train.steps'"),
     "negative width": (
-        ["--set", "model.hidden=(100,-5)"],
+        sets("model.hidden=(100,-5)"),
         "model.hidden[1]=-5: layer widths must be positive",
     ),
     "negative lr": (
-        ["--set", "optimizer.learning_rate=-0.1"],
+        sets("optimizer.learning_rate=-0.1"),
         "optimizer.learning_rate=-0.1 must be a positive",
     ),
-    "unknown choice": (["--set", "train.nonfinite=ignore"], "train.nonfinite='ignore' is not known"),
-    "steps per call": (["--set", "train.steps_per_call=7"], "train.steps=3000 is not a multiple of"),
+    "unknown choice": (sets("train.nonfinite=ignore"), "train.nonfinite='ignore' is not known"),
+    "steps per call": (sets("train.steps_per_call=7"), "train.steps=3000 is not a multiple of"),
     "checkpoint interval": (
-        ["--set", "train.steps_per_call=2", "--set", "checkpoint.every=5"],
+        sets("train.steps_per_call=2", "checkpoint.every=5"),
         "checkpoint.every=5 is not a multiple of train.steps_per_call=2",
     ),
     "heartbeat": (
-        ["--set", "distributed.heartbeat_timeout_s=0"],
+        sets("distributed.heartbeat_timeout_s=0"),
         "distributed.heartbeat_timeout_s=0 must be >= 1",
     ),
-    "memory budget": (["--set", "parallel.memory_budget_mb=0.01"], "dp needs 0.2 MiB per device"),
+    "memory budget": (sets("parallel.memory_budget_mb=0.01"), "dp needs 0.2 MiB per device"),
     "missing experiment": ("run no/such/experiment.py", "experiment file 'no/such/experiment.py' not found"),
     "broken experiment": ("run {tmp}/broken.py", "broken.py failed to load: SyntaxError"),
     # Data files: missing, malformed, wrong shapes, NaN.
     "missing file": (
-        ["--set", "data.name=npz", "--set", "data.path=/no/such/file.npz"],
+        sets("data.name=npz", "data.path=/no/such/file.npz"),
         "data.path='/no/such/file.npz': no such file; check the path",
     ),
     "not an npz": (
-        ["--set", "data.name=npz", "--set", "data.path={tmp}/notnpz.npz"],
+        sets("data.name=npz", "data.path={tmp}/notnpz.npz"),
         "is not a readable .npz",
     ),
-    "npz without y": (["--set", "data.name=npz", "--set", "data.path={tmp}/noy.npz"], "no array named 'y'"),
+    "npz without y": (sets("data.name=npz", "data.path={tmp}/noy.npz"), "no array named 'y'"),
     "labels short": (
-        ["--set", "data.name=npz", "--set", "data.path={tmp}/short.npz"],
+        sets("data.name=npz", "data.path={tmp}/short.npz"),
         "40 inputs but 30 labels",
     ),
     "fractional labels": (
-        ["--set", "data.name=npz", "--set", "data.path={tmp}/frac.npz"],
+        sets("data.name=npz", "data.path={tmp}/frac.npz"),
         "for real-valued targets set data.task=regression",
     ),
     "nan input": (
-        ["--set", "data.name=npz", "--set", "data.path={tmp}/nan.npz"],
+        sets("data.name=npz", "data.path={tmp}/nan.npz"),
         "1 NaN/Inf values in the inputs",
     ),
     "csv not numeric": (
-        ["--set", "data.name=csv", "--set", "data.path={tmp}/bad.csv"],
+        sets("data.name=csv", "data.path={tmp}/bad.csv"),
         "row 2 is not numeric",
     ),
-    "csv ragged": (["--set", "data.name=csv", "--set", "data.path={tmp}/ragged.csv"], "row 2 has 2 columns"),
-    "csv empty": (["--set", "data.name=csv", "--set", "data.path={tmp}/empty.csv"], "the CSV file is empty"),
+    "csv ragged": (sets("data.name=csv", "data.path={tmp}/ragged.csv"), "row 2 has 2 columns"),
+    "csv empty": (sets("data.name=csv", "data.path={tmp}/empty.csv"), "the CSV file is empty"),
     "idx truncated": (
-        [
-            "--set",
-            "data.name=idx",
-            "--set",
-            "data.path={tmp}/images.idx.gz",
-            "--set",
-            "data.labels_path={tmp}/labels.idx",
-        ],
+        sets("data.name=idx", "data.path={tmp}/images.idx.gz", "data.labels_path={tmp}/labels.idx"),
         "holds 0 data bytes but its header (10, 4, 4) needs 160",
     ),
     "loss for the data": (
-        ["--set", "data.name=synthetic_regression"],
+        sets("data.name=synthetic_regression"),
         "synthetic_regression needs train.loss=mse",
     ),
     # Mesh shapes against device counts.
     "batch split": (
-        ["--set", "train.batch_size=100"],
+        sets("train.batch_size=100"),
         "train.batch_size=100 is not divisible by 8 data-parallel devices; use a multiple of 8 such as 96",
     ),
-    "mesh too big": (["--set", "parallel.mesh.data=16"], "parallel.mesh {'data': 16} needs 16 devices but 8"),
+    "mesh too big": (sets("parallel.mesh.data=16"), "parallel.mesh {'data': 16} needs 16 devices but 8"),
     "mesh not filling": (
-        ["--set", "parallel.strategy=hybrid", "--set", "parallel.mesh.model=3"],
+        sets("parallel.strategy=hybrid", "parallel.mesh.model=3"),
         "cannot fill 8 devices: 8 is not divisible by 3",
     ),
-    "axis not used": (["--set", "parallel.mesh.model=2"], "dp lays out over mesh axes ('data',); remove"),
-    "axis missing": (["--set", "parallel.strategy=hybrid"], "hybrid needs the size of mesh axes ['model']"),
+    "axis not used": (sets("parallel.mesh.model=2"), "dp lays out over mesh axes ('data',); remove"),
+    "axis missing": (sets("parallel.strategy=hybrid"), "hybrid needs the size of mesh axes ['model']"),
     "width vs model axis": (
-        ["--set", "parallel.strategy=tensor", "--set", "parallel.mesh.model=8"],
+        sets("parallel.strategy=tensor", "parallel.mesh.model=8"),
         "layer_0.kernel: hidden_a width 100 is not divisible by the model axis of size 8",
     ),
     "too many stages": (
-        ["--set", "parallel.strategy=pipeline", "--set", "parallel.mesh.stage=4"],
+        sets("parallel.strategy=pipeline", "parallel.mesh.stage=4"),
         "4 pipeline stages for a net of 3 layers",
     ),
     "microbatches": (
-        [
-            "--set",
-            "parallel.strategy=pipeline",
-            "--set",
-            "parallel.mesh.stage=3",
-            "--set",
-            "parallel.microbatches=5",
-        ],
+        sets("parallel.strategy=pipeline", "parallel.mesh.stage=3", "parallel.microbatches=5"),
         "train.batch_size=128 is not divisible by parallel.microbatches=5",
     ),
     # Checkpoints and earlier runs.
@@ -168,49 +163,22 @@ CASES = {
         "already holds a run (config.json); choose another --workdir",
     ),
     "different model": (
-        [
-            "--workdir",
-            "{tmp}/old",
-            "--resume",
-            "--set",
-            "model.hidden=(64,)",
-            *sum((["--set", o] for o in OLD_RUN if "hidden" not in o and "steps=8" not in o), []),
-            "--set",
-            "train.steps=16",
-        ],
-        "was written with model=",
+        resume("model.hidden=(64,)"),
+        "was written with model.hidden=[32], this run has [64]; resume with the same model.hidden",
     ),
     "different data": (
-        [
-            "--workdir",
-            "{tmp}/old",
-            "--resume",
-            "--set",
-            "data.num_samples=3000",
-            *sum((["--set", o] for o in OLD_RUN if "steps=8" not in o), []),
-            "--set",
-            "train.steps=16",
-        ],
-        "was written with data=",
+        resume("data.num_samples=3000"),
+        "was written with data.num_samples=5000, this run has 3000",
     ),
     "already complete": (
-        ["--workdir", "{tmp}/old", "--resume", *sum((["--set", o] for o in OLD_RUN), [])],
-        "the run in {tmp}/old is complete at step 8; raise train.steps to train further",
+        resume("train.steps=8"),
+        "the run in {tmp}/old is complete at step 8; raise train.steps",
     ),
     "no checkpoints": (["--workdir", "{tmp}", "--resume"], "holds no checkpoints; run without --resume"),
     "resume and overwrite": (["--workdir", "{tmp}/old", "--resume", "--overwrite"], "pass one of them"),
     "resume without workdir": (["--resume"], "--resume needs the --workdir of the run to continue"),
     "strategy with own state": (
-        [
-            "--workdir",
-            "{tmp}/old",
-            "--resume",
-            "--set",
-            "parallel.strategy=async",
-            *sum((["--set", o] for o in OLD_RUN if "steps=8" not in o), []),
-            "--set",
-            "train.steps=16",
-        ],
+        resume("parallel.strategy=async"),
         "async keeps state of its own and resumes only from its own checkpoints",
     ),
     # Processes.
@@ -234,9 +202,7 @@ CASES = {
 def old_run(tmp_path_factory, request):
     root = request.config.rootpath
     old = tmp_path_factory.mktemp("old") / "old"
-    assert (
-        main(["run", str(root / EXP), "--workdir", str(old), *sum((["--set", o] for o in OLD_RUN), [])]) == 0
-    )
+    assert main(["run", str(root / EXP), "--workdir", str(old), *sets(*OLD_RUN)]) == 0
     return old
 
 

@@ -82,10 +82,20 @@ def place_batch(batch: Batch, shardings) -> Batch:
 
 
 def to_host(tree: Any) -> Any:
-    """Numpy copies of a tree of global arrays, on every process (all-gathered across processes)."""
+    """Numpy copies of a tree of global arrays, on every process.
+
+    Across processes, a replicated array (the metrics, dp's parameters) is read from a local copy; only
+    sharded ones are all-gathered, which is a collective every process must join.
+    """
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, jax.device_get(tree))
-    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
 
 
 def jit_checkpointing(init: Callable, portable: bool) -> Checkpointing:
