@@ -115,7 +115,8 @@ def _run(args) -> int:
         "wall_seconds",
     )
     print(json.dumps({k: result.summary[k] for k in keys}, indent=2))
-    print(f"wrote {workdir}/config.json, metrics.jsonl, summary.json")
+    saved = ", checkpoints/" if (Path(workdir) / "checkpoints").is_dir() else ""
+    print(f"wrote {workdir}/config.json, metrics.jsonl, summary.json{saved}")
     return 0
 
 
