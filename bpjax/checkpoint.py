@@ -36,13 +36,17 @@ def _get(config: dict, dotted: str):
     return config
 
 
-def _options(config) -> ocp.CheckpointManagerOptions:
+def _options(config, create: bool) -> ocp.CheckpointManagerOptions:
     c = config.checkpoint
     return ocp.CheckpointManagerOptions(
-        max_to_keep=c.keep,
-        enable_async_checkpointing=c.async_save,
-        create=True,
+        max_to_keep=c.keep, enable_async_checkpointing=c.async_save, create=create
     )
+
+
+def _signature(abstract) -> list[list]:
+    """``[path, shape, dtype]`` of every leaf: what a restore needs to find."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    return [[jax.tree_util.keystr(path), list(x.shape), str(x.dtype)] for path, x in leaves]
 
 
 class Checkpointer:
@@ -53,10 +57,7 @@ class Checkpointer:
         self.config = config
         self.strategy = strategy
         self.codec = strategy.checkpoint_codec()
-        options = _options(config)
-        if not create:
-            options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create))
 
     def meta(self, step: int) -> dict[str, Any]:
         s = self.strategy
@@ -67,6 +68,7 @@ class Checkpointer:
             "mesh": dict(s.mesh.shape) if s.mesh is not None else {},
             "num_devices": s.num_devices,
             "config": {key: _to_json(_get(self.config.to_dict(), key)) for key in MUST_MATCH},
+            "shapes": _signature(self.codec.target()),
         }
 
     def save(self, step: int, state) -> None:
@@ -116,6 +118,18 @@ class Checkpointer:
                 f"checkpoint {where} holds {meta['strategy']} state (mesh {mesh}), which restores only under "
                 f"{meta['strategy']} with that mesh; resume with --set parallel.strategy={meta['strategy']}, "
                 f"or train the portable strategies (single, pmap, dp, fsdp, tensor, hybrid)"
+            )
+        for theirs, mine in zip(meta["shapes"], ours["shapes"], strict=False):
+            if theirs != mine:
+                raise UserError(
+                    f"checkpoint {where} holds state{theirs[0]} of shape {theirs[1]} {theirs[2]}, this run "
+                    f"needs {mine[1]} {mine[2]}; resume with the parallel settings that saved it "
+                    f"(e.g. parallel.staleness, stages), or start a new --workdir"
+                )
+        if len(meta["shapes"]) != len(ours["shapes"]):
+            raise UserError(
+                f"checkpoint {where} holds {len(meta['shapes'])} arrays, this run's state has "
+                f"{len(ours['shapes'])}; resume with the settings that saved it, or start a new --workdir"
             )
         return meta
 

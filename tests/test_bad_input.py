@@ -19,8 +19,8 @@ import pytest
 from bpjax.cli import main
 
 EXP = "experiments/mnist1d_dp.py"
-# A finished run with checkpoints, copied into every case's folder as ``old/`` (the resume cases use it;
-# for the others it is the earlier work that must survive untouched).
+# Finished runs with checkpoints, copied into every case's folder as ``old/`` and ``old_async/``: the
+# resume cases resume them; for the others they are earlier work that must survive untouched.
 OLD_RUN = [
     "model.hidden=(32,)",
     "train.steps=8",
@@ -28,6 +28,9 @@ OLD_RUN = [
     "train.eval_every=0",
     "checkpoint.every=4",
 ]
+
+
+ASYNC = ["parallel.strategy=async", "parallel.staleness=2"]
 
 
 def sets(*overrides: str) -> list[str]:
@@ -177,6 +180,15 @@ CASES = {
     "no checkpoints": (["--workdir", "{tmp}", "--resume"], "holds no checkpoints; run without --resume"),
     "resume and overwrite": (["--workdir", "{tmp}/old", "--resume", "--overwrite"], "pass one of them"),
     "resume without workdir": (["--resume"], "--resume needs the --workdir of the run to continue"),
+    "staleness of a checkpoint": (
+        [
+            "--workdir",
+            "{tmp}/old_async",
+            "--resume",
+            *sets(*OLD_RUN, "train.steps=16", *ASYNC, "parallel.staleness=1"),
+        ],
+        "holds state.history['layer_0']['bias'] of shape [3, 32] float32, this run needs [2, 32] float32",
+    ),
     "strategy with own state": (
         resume("parallel.strategy=async"),
         "async keeps state of its own and resumes only from its own checkpoints",
@@ -201,9 +213,12 @@ CASES = {
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory, request):
     root = request.config.rootpath
-    old = tmp_path_factory.mktemp("old") / "old"
-    assert main(["run", str(root / EXP), "--workdir", str(old), *sets(*OLD_RUN)]) == 0
-    return old
+    folder = tmp_path_factory.mktemp("old")
+    assert main(["run", str(root / EXP), "--workdir", str(folder / "old"), *sets(*OLD_RUN)]) == 0
+    assert (
+        main(["run", str(root / EXP), "--workdir", str(folder / "old_async"), *sets(*OLD_RUN, *ASYNC)]) == 0
+    )
+    return folder
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -231,7 +246,7 @@ def argv(spec, root, tmp_path, monkeypatch):
 def test_bad_input(root, tmp_path, monkeypatch, capsys, old_run, case):
     spec, message = CASES[case]
     files(tmp_path)
-    shutil.copytree(old_run, tmp_path / "old")
+    shutil.copytree(old_run, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)  # a default workdir (runs/...) would land here, and fail the snapshot
     before = snapshot(tmp_path)
     code = main(argv(spec, root, tmp_path, monkeypatch))
