@@ -54,22 +54,20 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, config, strategy: Strategy, *, create: bool = True):
         self.directory = Path(directory).absolute()
-        self.config = config
-        self.strategy = strategy
         self.codec = strategy.checkpoint_codec()
         self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create))
-
-    def meta(self, step: int) -> dict[str, Any]:
-        s = self.strategy
-        return {
-            "step": step,
-            "strategy": s.name,
+        # What every checkpoint of this run says about itself, bar its step (traced once, not per save).
+        self._meta = {
+            "strategy": strategy.name,
             "portable": self.codec.portable,
-            "mesh": dict(s.mesh.shape) if s.mesh is not None else {},
-            "num_devices": s.num_devices,
-            "config": {key: _to_json(_get(self.config.to_dict(), key)) for key in MUST_MATCH},
+            "mesh": dict(strategy.mesh.shape) if strategy.mesh is not None else {},
+            "num_devices": strategy.num_devices,
+            "config": {key: _to_json(_get(config.to_dict(), key)) for key in MUST_MATCH},
             "shapes": _signature(self.codec.target()),
         }
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return {"step": step, **self._meta}
 
     def save(self, step: int, state) -> None:
         """Start saving ``state`` as step ``step``; returns once the arrays are copied off the devices."""
@@ -182,8 +180,3 @@ def restore_latest(directory: str | Path, config, strategy: Strategy):
         return step, ckpt.restore(step)
     finally:
         ckpt.close()
-
-
-def abstract_like(tree) -> Any:
-    """ShapeDtypeStructs (with shardings) of a tree of arrays."""
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bpjax.errors import TrainingStopped, UserError
+from bpjax.errors import OneLineError, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,8 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_workdir(config) -> Path:
-    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _workdir(args, config) -> Path:
+    """``--workdir``, or ``runs/NAME-YYYYmmdd-HHMMSS``; a resumed run must name its folder."""
+    if args.resume and not args.workdir:
+        raise UserError("--resume needs the --workdir of the run to continue")
+    return Path(args.workdir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _run(args) -> int:
@@ -90,11 +93,9 @@ def _run(args) -> int:
     from bpjax import distributed
 
     config = cfg_lib.load(args.experiment, args.overrides)
-    if args.resume and not args.workdir:
-        raise UserError("--resume needs the --workdir of the run to continue")
+    workdir = _workdir(args, config)
     if not args.workdir and distributed.detect() is not None:
         raise UserError("a multi-process run needs --workdir: every process must write to the same folder")
-    workdir = args.workdir or _default_workdir(config)
 
     from bpjax.train import run
 
@@ -124,7 +125,7 @@ def _launch(args) -> int:
     """Check everything in this process, then start the workers: bad input never starts a process."""
     from bpjax import config as cfg_lib
     from bpjax import distributed
-    from bpjax.train import _check_workdir, _resume_point, check_processes, prepare
+    from bpjax.train import check_multi_process, check_output, check_processes, prepare
 
     n = args.processes
     config = cfg_lib.load(args.experiment, args.overrides)
@@ -135,18 +136,10 @@ def _launch(args) -> int:
             "bpjax launch starts its own processes; inside a SLURM/MPI job use bpjax run in each task"
         )
     check_processes(config, n)
-    if args.resume and not args.workdir:
-        raise UserError("--resume needs the --workdir of the run to continue")
+    workdir = _workdir(args, config)
     setup = prepare(config)  # the same checks every worker makes, over all cpu_devices in one process
-    if n > 1 and not setup.strategy.multi_process:
-        raise UserError(
-            f"{setup.strategy.name} (partition={setup.config.parallel.partition}) runs in one process only; "
-            f"across processes use pmap, dp (partition=sample), fsdp, tensor or hybrid"
-        )
-    workdir = Path(args.workdir) if args.workdir else _default_workdir(setup.config)
-    out = _check_workdir(workdir, args.overwrite, args.resume)
-    if args.resume:
-        _resume_point(setup.config, setup.strategy, out)
+    check_multi_process(setup, n)
+    check_output(setup, workdir, args.overwrite, args.resume)
     worker = ["run", args.experiment, "--workdir", str(workdir)]
     worker += [f"--set={o}" for o in args.overrides]
     worker += ["--overwrite"] * args.overwrite + ["--resume"] * args.resume
@@ -186,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"run": _run, "launch": _launch, "plan": _plan, "compare": _compare}[args.command](args)
-    except (UserError, TrainingStopped) as e:
+    except OneLineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
 

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from bpjax.errors import UserError
+from bpjax.errors import OneLineError, UserError
 
 _STARTED = False
 
@@ -148,18 +148,17 @@ def fail_fast() -> Iterator[None]:
     try:
         yield
     except BaseException as e:  # noqa: BLE001  (anything at all must end the process)
-        if not _STARTED:
+        if not _STARTED or (isinstance(e, SystemExit) and not e.code):
             raise
-        code = getattr(e, "exit_code", 1) if not isinstance(e, SystemExit) else e.code
-        if isinstance(e, SystemExit) and not code:
-            raise
-        rank = process_index()
-        what = str(e) if getattr(e, "exit_code", None) else f"{type(e).__name__}: {e}"
-        if not getattr(e, "exit_code", None) and not isinstance(e, KeyboardInterrupt | SystemExit):
+        one_line = isinstance(e, OneLineError)  # its message says it all: no traceback
+        if not one_line and not isinstance(e, KeyboardInterrupt | SystemExit):
             traceback.print_exc()
-        print(f"error: process {rank} failed: {what}", file=sys.stderr, flush=True)
+        what = str(e) if one_line else f"{type(e).__name__}: {e}"
+        print(f"error: process {process_index()} failed: {what}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(code if isinstance(code, int) and code else 1)
+        if one_line:
+            os._exit(e.exit_code)
+        os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
 
 
 def free_port() -> int:

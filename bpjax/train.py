@@ -83,11 +83,6 @@ def prepare(config: mlc.ConfigDict) -> Setup:
         raise UserError(f"data {config.data.name} has class labels; set train.loss=cross_entropy")
     problem = make_problem(config, ds.num_features, ds.num_outputs)
     strategy = strategies.make(config.parallel.strategy, problem, config.parallel)
-    if processes > 1 and not strategy.multi_process:
-        raise UserError(
-            f"{strategy.name} (partition={config.parallel.partition}) runs in one process only; across "
-            f"processes use pmap, dp (partition=sample), fsdp, tensor or hybrid"
-        )
     b, n = config.train.batch_size, strategy.data_parallel
     if b % n:
         raise UserError(
@@ -101,18 +96,40 @@ def prepare(config: mlc.ConfigDict) -> Setup:
             f"use batch_size={max(b // m, 1) * m} or a divisor of {b} as microbatches"
         )
     batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
-    return Setup(config, ds, problem, strategy, batches)
+    setup = Setup(config, ds, problem, strategy, batches)
+    check_multi_process(setup, processes)
+    return setup
 
 
 def check_processes(config: mlc.ConfigDict, processes: int) -> None:
-    """The simulated CPU devices must split evenly over the processes."""
+    """The simulated CPU devices must split evenly over the processes (``processes`` >= 1)."""
     n = config.parallel.cpu_devices
-    if processes < 1 or (n and n % processes):
-        ok = [p for p in range(1, n + 1) if n % p == 0] if n else []
+    if n and n % processes:
+        ok = [p for p in range(1, n + 1) if n % p == 0]
         raise UserError(
             f"{processes} processes cannot share parallel.cpu_devices={n} evenly; "
             f"use --processes {' or '.join(map(str, ok))}"
         )
+
+
+def check_multi_process(setup: Setup, processes: int) -> None:
+    """Only the strategies tested across processes may run in several."""
+    if processes > 1 and not setup.strategy.multi_process:
+        raise UserError(
+            f"{setup.strategy.name} (partition={setup.config.parallel.partition}) runs in one process only; "
+            f"across processes use pmap, dp (partition=sample), fsdp, tensor or hybrid"
+        )
+
+
+def check_output(
+    setup: Setup, workdir: str | Path | None, overwrite: bool, resume: bool
+) -> tuple[Path | None, int]:
+    """Read-only checks of the output folder: ``(workdir, the step the run starts from)``.
+
+    Every process makes them (and `bpjax launch`, before it starts any) before anything is written.
+    """
+    out = _check_workdir(workdir, overwrite, resume)
+    return out, _resume_point(setup.config, setup.strategy, out) if resume else 0
 
 
 def _check_workdir(workdir: str | Path | None, overwrite: bool, resume: bool) -> Path | None:
@@ -242,8 +259,7 @@ def run(
         setup.batches,
     )
     t = config.train
-    out = _check_workdir(workdir, overwrite, resume)
-    start = _resume_point(config, strategy, out) if resume else 0
+    out, start = check_output(setup, workdir, overwrite, resume)
     leader = distributed.is_leader()
     distributed.barrier("bpjax: run checked")  # nobody writes before every process has checked
     if out and leader:
@@ -273,6 +289,7 @@ def run(
     last_sync = start
     bad_in_a_row, nonfinite_steps = 0, 0
     row: dict[str, Any] = {}
+    fault = faults.after_step_check(distributed.process_index())  # None outside the fault tests
     try:
         for call in range(start // k, t.steps // k):
             batch = (
@@ -283,7 +300,8 @@ def run(
             window_steps += k
             pending.append(metrics)
             progress.advance(k)
-            faults.after_step(done, distributed.process_index())
+            if fault:
+                fault(done)
             log_now = done == t.steps or (t.log_every and (done // t.log_every) > ((done - k) // t.log_every))
             eval_now = done == t.steps or (t.eval_every and done % t.eval_every == 0)
             save_now = ckpt is not None and every and (done % every == 0 or done == t.steps)

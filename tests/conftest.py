@@ -38,3 +38,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def momentum_problem():
+    """``(config, problem, batches)``: a small synthetic classification net trained with SGD momentum,
+    whose update is linear in the gradient (what the simulations of the update schemes assume)."""
+    from bpjax import config as cfg_lib
+    from bpjax import data
+    from bpjax.step import make_problem
+
+    c = cfg_lib.default()
+    c.data.name = "synthetic_classification"
+    c.data.num_samples = 600
+    c.data.num_features = 24
+    c.model.hidden = (32, 16)
+    c.optimizer.name = "momentum"
+    c.optimizer.learning_rate = 0.1
+    c.lock()
+    ds = data.load(c.data, 0)
+    return c, make_problem(c, ds.num_features, ds.num_outputs), data.Batches(ds.x_train, ds.y_train, 64, 0)

@@ -72,7 +72,7 @@ def finish(proc, err, started):
         err.seek(0)
         text = err.read()
         err.close()
-        for pid in map(int, re.findall(r"pids (\d+) (\d+)", text)[0] if "pids" in text else ()):
+        for pid in worker_pids(text) or ():
             try:
                 os.killpg(pid, signal.SIGKILL)  # nothing may survive the test, whatever it asserted
             except ProcessLookupError:
@@ -80,9 +80,9 @@ def finish(proc, err, started):
     return code, time.monotonic() - started, text
 
 
-def pids(err):
-    err.seek(0)
-    found = re.findall(r"pids (\d+) (\d+)", err.read())
+def worker_pids(launcher_stderr: str) -> list[int] | None:
+    """The workers' pids, from the launcher's first line."""
+    found = re.findall(r"pids (\d+) (\d+)", launcher_stderr)
     return [int(p) for p in found[0]] if found else None
 
 
@@ -100,7 +100,8 @@ def test_killed_process_ends_the_run(root, tmp_path, victim):
     metrics = tmp_path / "run/metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 90, proc)
     assert proc.poll() is None, "the run ended before the fault"
-    workers = pids(err)
+    err.seek(0)
+    workers = worker_pids(err.read())
     started = time.monotonic()
     os.kill(workers[victim], signal.SIGKILL)
     code, seconds, text = finish(proc, err, started)

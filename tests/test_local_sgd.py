@@ -7,25 +7,12 @@ import optax
 import pytest
 
 from bpjax import config as cfg_lib
-from bpjax import data, strategies
+from bpjax import strategies
 from bpjax.errors import UserError
 from bpjax.step import make_problem
 from bpjax.testing import assert_trees_close, train_steps
 
 W, STEPS = 4, 6
-
-
-@pytest.fixture(scope="module")
-def problem_and_batches():
-    c = cfg_lib.default()
-    c.data.name = "synthetic_classification"
-    c.data.num_samples = 600
-    c.data.num_features = 24
-    c.model.hidden = (32, 16)
-    c.optimizer.name = "momentum"
-    c.optimizer.learning_rate = 0.1
-    ds = data.load(c.data, 0)
-    return c, make_problem(c, ds.num_features, ds.num_outputs), data.Batches(ds.x_train, ds.y_train, 64, 0)
 
 
 def simulate(problem, batches, H):
@@ -55,16 +42,16 @@ def simulate(problem, batches, H):
 
 
 @pytest.mark.parametrize("H", [1, 2, 3])
-def test_matches_the_simulation(problem_and_batches, H):
-    c, problem, batches = problem_and_batches
+def test_matches_the_simulation(momentum_problem, H):
+    c, problem, batches = momentum_problem
     c = cfg_lib.apply_overrides(c, [f"parallel.mesh.data={W}", f"parallel.local_steps={H}"])
     _, final, _ = train_steps(strategies.make("local_sgd", problem, c.parallel), batches, STEPS)
     assert_trees_close(final.params, simulate(problem, batches, H), 1e-5, 1e-6, what=f"H={H}")
 
 
-def test_local_steps_change_the_result(problem_and_batches):
+def test_local_steps_change_the_result(momentum_problem):
     """H=3 is not H=1: the check above cannot pass by ignoring local_steps."""
-    c, problem, batches = problem_and_batches
+    c, problem, batches = momentum_problem
     finals = []
     for H in (1, 3):
         c2 = cfg_lib.apply_overrides(c, [f"parallel.mesh.data={W}", f"parallel.local_steps={H}"])
@@ -74,8 +61,8 @@ def test_local_steps_change_the_result(problem_and_batches):
 
 
 @pytest.mark.parametrize("overrides", [["optimizer.name=adam"], ["optimizer.clip_norm=0.5"]])
-def test_nonlinear_updates_are_refused(problem_and_batches, overrides):
-    c, _, _ = problem_and_batches
+def test_nonlinear_updates_are_refused(momentum_problem, overrides):
+    c, _, _ = momentum_problem
     c = cfg_lib.apply_overrides(c, overrides)
     problem = make_problem(c, 24, 10)
     with pytest.raises(UserError, match="linear in the gradient"):

@@ -68,7 +68,7 @@ def test_two_processes_match_one(root, tmp_path, case):
     step, state = restore_latest(tmp_path / "run/checkpoints", config, single)
     assert step == 24
     assert_trees_close(single.gather(state), reference.state, rtol=1e-5)
-    # Only process 0 wrote results: one header line per run, one row per logged step.
+    # Only process 0 wrote the log: one row per logged step, not one per process.
     assert len(rows) == 24 // 4
 
 

@@ -8,25 +8,12 @@ import pytest
 
 import bpjax
 from bpjax import config as cfg_lib
-from bpjax import data, strategies
+from bpjax import strategies
 from bpjax.errors import UserError
 from bpjax.step import make_problem
 from bpjax.testing import assert_trees_close, train_steps
 
 W, STEPS = 4, 7
-
-
-@pytest.fixture(scope="module")
-def setup():
-    c = cfg_lib.default()
-    c.data.name = "synthetic_classification"
-    c.data.num_samples = 600
-    c.data.num_features = 24
-    c.model.hidden = (32, 16)
-    c.optimizer.name = "momentum"
-    c.optimizer.learning_rate = 0.1
-    ds = data.load(c.data, 0)
-    return c, make_problem(c, ds.num_features, ds.num_outputs), data.Batches(ds.x_train, ds.y_train, 64, 0)
 
 
 def simulate(problem, batches, n_push, n_fetch):
@@ -50,8 +37,8 @@ def simulate(problem, batches, n_push, n_fetch):
 
 
 @pytest.mark.parametrize(("n_push", "n_fetch"), [(1, 1), (2, 3), (3, 1)])
-def test_matches_the_simulation(setup, n_push, n_fetch):
-    c, problem, batches = setup
+def test_matches_the_simulation(momentum_problem, n_push, n_fetch):
+    c, problem, batches = momentum_problem
     c = cfg_lib.apply_overrides(
         c, [f"parallel.mesh.data={W}", f"parallel.n_push={n_push}", f"parallel.n_fetch={n_fetch}"]
     )
@@ -63,8 +50,8 @@ def test_matches_the_simulation(setup, n_push, n_fetch):
             assert_trees_close(final.params, simulate(problem, batches, 1, 1), 1e-5, 1e-6)
 
 
-def test_bytes_pushed_and_pulled_are_reported(setup):
-    c, _, _ = setup
+def test_bytes_pushed_and_pulled_are_reported(momentum_problem):
+    c, _, _ = momentum_problem
     c = cfg_lib.apply_overrides(
         c,
         [
@@ -87,8 +74,8 @@ def test_bytes_pushed_and_pulled_are_reported(setup):
     assert row["bytes_pulled_per_step"] == pytest.approx(params / 2)
 
 
-def test_bad_schedule(setup):
-    c, problem, _ = setup
+def test_bad_schedule(momentum_problem):
+    c, problem, _ = momentum_problem
     c = cfg_lib.apply_overrides(c, ["parallel.n_push=0"])
     with pytest.raises(UserError, match="n_push=0"):
         strategies.make("param_server", problem, c.parallel)

@@ -72,12 +72,14 @@ def make(problem: Problem, parallel) -> Strategy:
         shards = [s.data[None] for s in x.addressable_shards]
         return jax.make_array_from_single_device_arrays((n, *x.shape), per_device, shards)
 
-    reference = jax.eval_shape(problem.init, jax.random.key(0))
+    def target():
+        # The reference state's shapes, replicated over the pmap devices (traced only when restoring).
+        reference = jax.eval_shape(problem.init, jax.random.key(0))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), reference)
+
     checkpointing = Checkpointing(
         portable=True,
-        target=lambda: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), reference
-        ),
+        target=target,
         save=lambda state: jax.tree.map(one_copy, state),
         load=lambda tree: jax.tree.map(per_device_copies, tree),
     )
