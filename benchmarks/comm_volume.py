@@ -27,7 +27,7 @@ bpjax.use_cpu_devices(8)  # before any JAX work
 
 from bpjax import config as cfg_lib  # noqa: E402
 from bpjax.plan import compiled_report, make_plan  # noqa: E402
-from bpjax.train import prepare  # noqa: E402
+from bpjax.preflight import prepare  # noqa: E402
 
 CASES = [
     ("pmap", {"data": 8}, {}),
@@ -64,12 +64,12 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
 
-    full = make_plan(config_for(args, "single", {}, {})).totals
+    full = make_plan(prepare(config_for(args, "single", {}, {}))).totals
     full_state = full["param_bytes"] + full["opt_bytes"]
     rows = []
     for name, mesh, options in CASES:
         setup = prepare(config_for(args, name, mesh, options))
-        plan = make_plan(setup.config, setup)
+        plan = make_plan(setup)
         compiled = compiled_report(setup)
         t = plan.totals
         devices = len(setup.strategy.devices)

@@ -17,9 +17,10 @@ from bpjax.devices import make_mesh, use_cpu_devices
 from bpjax.errors import UserError
 from bpjax.models import MLP, logical_axes
 from bpjax.plan import Plan, make_plan
+from bpjax.preflight import Setup, prepare
 from bpjax.step import Problem, TrainState, make_problem
 from bpjax.strategies import REGISTRY, Strategy
-from bpjax.train import RunResult, prepare, run
+from bpjax.train import RunResult, run
 
 __all__ = [
     "MLP",
@@ -28,6 +29,7 @@ __all__ = [
     "Dataset",
     "Problem",
     "RunResult",
+    "Setup",
     "Strategy",
     "TrainState",
     "UserError",

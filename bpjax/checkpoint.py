@@ -2,8 +2,8 @@
 restored under another strategy.
 
 A checkpoint is a folder ``WORKDIR/checkpoints/STEP/`` with two items:
-  state   the strategy's state as `Strategy.checkpointing` says: for the portable strategies (single,
-          pmap, dp, fsdp, tensor, hybrid) a TrainState in the reference structure, whose arrays orbax
+  state   the strategy's state as `Strategy.checkpointing` says: for the strategies whose definition
+          says ``portable_checkpoints``, a TrainState in the reference structure, whose arrays orbax
           writes shard by shard from every process and reads back into any other layout (resharding);
   meta    JSON: the step, the strategy and its mesh, and the config sections that must match to resume.
 
@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from bpjax import faults
+from bpjax import faults, strategies
 from bpjax.errors import UserError
 from bpjax.strategies.base import Strategy
 
@@ -54,12 +54,12 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, config, strategy: Strategy, *, create: bool = True):
         self.directory = Path(directory).absolute()
-        self.codec = strategy.checkpoint_codec()
+        self.codec = strategy.checkpointing
         self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create))
         # What every checkpoint of this run says about itself, bar its step (traced once, not per save).
         self._meta = {
             "strategy": strategy.name,
-            "portable": self.codec.portable,
+            "portable": strategies.get(strategy.name).portable_checkpoints,
             "mesh": dict(strategy.mesh.shape) if strategy.mesh is not None else {},
             "num_devices": strategy.num_devices,
             "config": {key: _to_json(_get(config.to_dict(), key)) for key in MUST_MATCH},
@@ -115,7 +115,8 @@ class Checkpointer:
             raise UserError(
                 f"checkpoint {where} holds {meta['strategy']} state (mesh {mesh}), which restores only under "
                 f"{meta['strategy']} with that mesh; resume with --set parallel.strategy={meta['strategy']}, "
-                f"or train the portable strategies (single, pmap, dp, fsdp, tensor, hybrid)"
+                f"or train the portable strategies "
+                f"({strategies.names(lambda d: d.portable_checkpoints)})"
             )
         for theirs, mine in zip(meta["shapes"], ours["shapes"], strict=False):
             if theirs != mine:

@@ -2,7 +2,8 @@
 
   bpjax run EXPERIMENT.py [--set key=value ...] [--workdir DIR] [--overwrite | --resume]
   bpjax launch --processes N EXPERIMENT.py [the options of run]   N local processes, one run
-  bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled]
+  bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled] [--json]
+  bpjax config [EXPERIMENT.py] [--set key=value ...] [--schema]   the resolved config, or every key
   bpjax compare EXPERIMENT_OR_STUDY.py ... [--set key=value ...] [--workdir DIR] [--target-loss X]
   python -m bpjax run ...              the same
   python experiments/NAME.py [...]      the same, for that file
@@ -59,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     parsers["launch"].add_argument(
         "--processes", type=int, required=True, help="how many processes (each gets cpu_devices/N devices)"
     )
+    cfg = sub.add_parser("config", help="print an experiment's resolved config, or the schema of every key")
+    cfg.add_argument("experiment", nargs="?", help="an experiment file (default: the defaults)")
+    cfg.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field"
+    )
+    cfg.add_argument(
+        "--schema",
+        action="store_true",
+        help="print every key with its type, default, valid values and meaning (docs/configuration.md)",
+    )
     c = sub.add_parser("compare", help="train several experiments or a study file and compare them")
     c.add_argument(
         "experiments", nargs="+", help="experiment files (get_config) or study files (get_configs)"
@@ -77,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         "--compiled",
         action="store_true",
         help="also compile one step and compare with the collectives and memory the compiler emits",
+    )
+    parsers["plan"].add_argument(
+        "--json",
+        action="store_true",
+        help="print the plan as one JSON object (bytes per device and per training step)",
     )
     return p
 
@@ -125,7 +141,7 @@ def _launch(args) -> int:
     """Check everything in this process, then start the workers: bad input never starts a process."""
     from bpjax import config as cfg_lib
     from bpjax import distributed
-    from bpjax.train import check_multi_process, check_output, check_processes, prepare
+    from bpjax.preflight import check_multi_process, check_output, check_processes, prepare
 
     n = args.processes
     config = cfg_lib.load(args.experiment, args.overrides)
@@ -149,12 +165,15 @@ def _launch(args) -> int:
 
 def _plan(args) -> int:
     from bpjax import config as cfg_lib
-    from bpjax.plan import compare, make_plan, per_device_bytes
-    from bpjax.train import prepare
+    from bpjax.plan import compare, compiled_report, make_plan, per_device_bytes, to_json
+    from bpjax.preflight import prepare
 
     config = cfg_lib.load(args.experiment, args.overrides)
     setup = prepare(config)
-    plan = make_plan(config, setup)
+    plan = make_plan(setup)
+    if args.json:
+        print(json.dumps(to_json(plan, compiled_report(setup) if args.compiled else None)))
+        return 0
     print(plan.table())
     budget = config.parallel.memory_budget_mb
     need = per_device_bytes(plan) / 2**20
@@ -162,6 +181,21 @@ def _plan(args) -> int:
     if args.compiled:
         print()
         print(compare(plan, setup))
+    return 0
+
+
+def _config(args) -> int:
+    from bpjax import config as cfg_lib
+
+    if args.schema:
+        print(cfg_lib.reference_markdown(), end="")
+        return 0
+    if args.experiment:
+        config = cfg_lib.load(args.experiment, args.overrides)
+    else:
+        config = cfg_lib.apply_overrides(cfg_lib.default(), args.overrides)
+        cfg_lib.validate(config)
+    print(json.dumps(config.to_dict(), indent=2))
     return 0
 
 
@@ -178,7 +212,8 @@ def _compare(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "launch": _launch, "plan": _plan, "compare": _compare}[args.command](args)
+        commands = {"run": _run, "launch": _launch, "plan": _plan, "config": _config, "compare": _compare}
+        return commands[args.command](args)
     except OneLineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

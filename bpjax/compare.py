@@ -56,11 +56,12 @@ def steps_to(target: float, steps: np.ndarray, losses: np.ndarray) -> int | None
 def compare(paths: list[str], overrides: list[str], workdir: str | Path, target_loss: float) -> list[dict]:
     """Train every run, then write the table and the plots; returns the table rows."""
     from bpjax.plan import make_plan
-    from bpjax.train import prepare, run
+    from bpjax.preflight import prepare
+    from bpjax.train import run
 
     runs = load_runs(paths, overrides)
     setups = {name: prepare(c) for name, c in runs.items()}  # every check before the first run
-    per_step = {name: make_plan(s.config, s).totals["wire_bytes_per_step"] for name, s in setups.items()}
+    per_step = {name: make_plan(s).totals["wire_bytes_per_step"] for name, s in setups.items()}
     workdir = Path(workdir)
     results = {name: run(c, workdir / "runs" / name, overwrite=True) for name, c in runs.items()}
     rows = []

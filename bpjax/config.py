@@ -1,7 +1,10 @@
 """Experiment configs: the schema with its defaults, loading experiment files, ``--set`` overrides, checks.
 
 An experiment is a Python file with ``get_config()`` returning the `default()` config with some fields
-changed. The schema is locked, so a misspelt key fails with a suggestion instead of being ignored.
+changed. The schema is locked, so a misspelt key fails with a suggestion instead of being ignored. Every
+key is declared once, with its default, type, valid range and help (`SCHEMA` here; each strategy's own
+``parallel.*`` settings in its module), and `validate` checks every value against its declaration;
+``docs/configuration.md`` is generated from the same declarations.
 
 Sections:
   seed                      one integer; parameters, data order and data generation derive from it
@@ -19,13 +22,13 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
-import math
 from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
 
 from bpjax.errors import UserError
+from bpjax.schema import Bool, Choice, Float, Int, Ints, Setting, Str
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu", "elu", "leaky_relu", "identity")
 INITS = (
@@ -51,91 +54,155 @@ DATASETS = (
 LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lamb", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "exponential")
+MAX_SEED = 2**31 - 1
+
+# The schema: every key but the strategies' own (``parallel.*`` from their declarations, added by
+# `default`) and ``parallel.mesh`` (an open set of axes, checked below).
+SCHEMA: dict[str, Any] = {
+    "name": Str("", "the run's name; empty: the experiment file's name"),
+    "seed": Int(
+        0,
+        "one integer; parameters, data order and data generation derive from it",
+        min=0,
+        max=MAX_SEED,
+    ),
+    "data": {
+        "name": Choice("mnist1d", DATASETS, "which data set (see bpjax.data)"),
+        "num_samples": Int(5000, "mnist1d and synthetic: total examples before the split", min=2),
+        "num_features": Int(32, "synthetic only: input features", min=1),
+        "num_classes": Int(10, "synthetic_classification only", min=2),
+        "num_targets": Int(1, "synthetic_regression only", min=1),
+        "noise": Float(
+            0.1, "synthetic: label noise (classification) or target noise std (regression)", min=0
+        ),
+        "test_fraction": Float(
+            0.2,
+            "held-out share where the source has no split of its own",
+            min=0,
+            max=1,
+            min_open=True,
+            max_open=True,
+        ),
+        "standardize": Bool(True, "zero mean, unit variance per feature, fitted on the training split"),
+        "path": Str("", "npz / csv: the file; idx: the training images file"),
+        "labels_path": Str("", "idx: the training labels file"),
+        "test_path": Str("", "idx: test images (optional; else test_fraction is split off)"),
+        "test_labels_path": Str("", "idx: test labels"),
+        "label_column": Int(-1, "csv: which column holds the label (or target); -1 is the last"),
+        "task": Choice(
+            "classification", ("classification", "regression"), "npz / csv / idx: the kind of target"
+        ),
+        "cache_dir": Str("", "mnist1d cache; default $BPJAX_CACHE or ~/.cache/bpjax"),
+    },
+    "model": {
+        "hidden": Ints(
+            (512, 256),
+            "hidden widths; input and output widths come from the data",
+            min=1,
+            note="layer widths",
+        ),
+        "activation": Choice("relu", ACTIVATIONS, "the nonlinearity after every hidden layer"),
+        "dtype": Choice("float32", DTYPES, "computation dtype"),
+        "param_dtype": Choice("float32", DTYPES, "dtype of the parameters"),
+        "kernel_init": Choice("lecun_normal", INITS, "initialiser of the kernels"),
+        "bias_init": Choice("zeros", INITS, "initialiser of the biases"),
+    },
+    "optimizer": {
+        "name": Choice("adam", OPTIMIZERS, "an optax optimizer"),
+        "learning_rate": Float(1e-3, "the (peak) learning rate", min=0, min_open=True),
+        "momentum": Float(
+            0.9, "sgd-family and rmsprop momentum; 0 gives plain sgd", min=0, max=1, max_open=True
+        ),
+        "b1": Float(0.9, "adam, adamw, lamb, lion: first-moment decay", min=0, max=1, max_open=True),
+        "b2": Float(0.999, "adam, adamw, lamb, lion: second-moment decay", min=0, max=1, max_open=True),
+        "eps": Float(1e-8, "adam-family, rmsprop, adagrad: added to the denominator", min=0, min_open=True),
+        "weight_decay": Float(1e-4, "adamw, lamb, lion: decoupled weight decay", min=0),
+        "schedule": Choice("constant", SCHEDULES, "the learning-rate schedule after warmup"),
+        "warmup_steps": Int(0, "linear warmup from 0 over this many steps", min=0),
+        "end_value_fraction": Float(
+            0.0, "final learning rate / initial, for decaying schedules", min=0, max=1
+        ),
+        "decay_rate": Float(0.5, "exponential: factor per decay_steps", min=0, max=1, min_open=True),
+        "decay_steps": Int(0, "exponential: steps per factor; 0 means train.steps", min=0),
+        "clip_norm": Float(0.0, "global-norm gradient clipping; 0 turns it off", min=0),
+    },
+    "train": {
+        "steps": Int(1000, "training steps", min=1),
+        "batch_size": Int(128, "global batch size (over all devices)", min=1),
+        "loss": Choice("cross_entropy", LOSSES, "cross_entropy for labels, mse for real-valued targets"),
+        "eval_every": Int(250, "evaluate the test set every this many steps; 0: only at the end", min=0),
+        "log_every": Int(50, "write a metrics.jsonl row every this many steps; 0: only at the end", min=0),
+        "steps_per_call": Int(1, "K steps fused into one compiled call with lax.scan", min=1),
+        "sync_every": Int(
+            16, "block on a result at least this often (forced CPU collectives can deadlock)", min=1
+        ),
+        "progress": Choice(
+            "auto", ("auto", "bar", "lines", "off"), "auto: a bar on a terminal, plain lines otherwise"
+        ),
+        "nonfinite": Choice(
+            "stop",
+            ("stop", "skip"),
+            "a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step",
+        ),
+        "max_skipped": Int(
+            10, "nonfinite=skip: stop anyway after this many non-finite steps in a row", min=1
+        ),
+    },
+    "parallel": {
+        "strategy": Str("single", "the strategy (see docs/strategies.md)"),
+        "cpu_devices": Int(
+            0, "> 0: simulate this many CPU devices (set before JAX starts); 0 leaves JAX's default", min=0
+        ),
+        "memory_budget_mb": Float(
+            0.0, "> 0: refuse layouts whose planned bytes per device exceed this", min=0
+        ),
+    },
+    "checkpoint": {
+        "every": Int(0, "save every this many steps and at the end; 0: no checkpoints", min=0),
+        "keep": Int(3, "keep the latest this many checkpoints", min=1),
+        "async_save": Bool(True, "write in the background while training goes on"),
+    },
+    "distributed": {
+        "heartbeat_timeout_s": Int(
+            10, "a peer silent this long (s) is dead: every process then exits", min=1
+        ),
+        "shutdown_timeout_s": Int(30, "how long (s) the processes wait for each other at the end", min=1),
+        "init_timeout_s": Int(120, "how long (s) to wait for every process to join", min=1),
+    },
+}
+
+
+def schema() -> dict[str, Setting]:
+    """Every declared key, dotted (``train.steps``), with its `Setting`: this module's and the
+    strategies' (``parallel.*``). ``parallel.mesh`` is the one open section."""
+    from bpjax import strategies
+
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+            else:
+                out[prefix + k] = v
+
+    walk(SCHEMA, "")
+    out.update({f"parallel.{k}": s for k, s in strategies.settings().items()})
+    return out
 
 
 def default() -> mlc.ConfigDict:
     """The full schema with its defaults. Experiment files start from this and change fields."""
     c = mlc.ConfigDict()
-    c.name = ""  # filled from the experiment file name when empty
-    c.seed = 0
-
-    c.data = mlc.ConfigDict()
-    c.data.name = "mnist1d"
-    c.data.num_samples = 5000  # mnist1d and synthetic: total examples before the split
-    c.data.num_features = 32  # synthetic only
-    c.data.num_classes = 10  # synthetic_classification only
-    c.data.num_targets = 1  # synthetic_regression only
-    c.data.noise = 0.1  # synthetic: label noise (classification) or target noise std (regression)
-    c.data.test_fraction = 0.2  # held-out share where the source has no split of its own
-    c.data.standardize = True  # zero mean, unit variance per feature, fitted on the training split
-    c.data.path = ""  # npz / csv: the file; idx: the training images file
-    c.data.labels_path = ""  # idx: the training labels file
-    c.data.test_path = ""  # idx: test images (optional; else test_fraction is split off)
-    c.data.test_labels_path = ""  # idx: test labels
-    c.data.label_column = -1  # csv: which column holds the label (or target)
-    c.data.task = "classification"  # npz / csv / idx: classification or regression
-    c.data.cache_dir = ""  # mnist1d cache; default $BPJAX_CACHE or ~/.cache/bpjax
-
-    c.model = mlc.ConfigDict()
-    c.model.hidden = (512, 256)  # hidden widths; input and output widths come from the data
-    c.model.activation = "relu"
-    c.model.dtype = "float32"  # computation dtype
-    c.model.param_dtype = "float32"
-    c.model.kernel_init = "lecun_normal"
-    c.model.bias_init = "zeros"
-
-    c.optimizer = mlc.ConfigDict()
-    c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.momentum = 0.9  # sgd-family momentum; 0 gives plain sgd
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 1e-4  # adamw, lamb, lion
-    c.optimizer.schedule = "constant"
-    c.optimizer.warmup_steps = 0
-    c.optimizer.end_value_fraction = 0.0  # final learning rate / initial, for decaying schedules
-    c.optimizer.decay_rate = 0.5  # exponential: factor per `decay_steps`
-    c.optimizer.decay_steps = 0  # exponential: steps per factor; 0 means train.steps
-    c.optimizer.clip_norm = 0.0  # global-norm gradient clipping; 0 turns it off
-
-    c.train = mlc.ConfigDict()
-    c.train.steps = 1000
-    c.train.batch_size = 128
-    c.train.loss = "cross_entropy"
-    c.train.eval_every = 250  # 0: only at the end
-    c.train.log_every = 50
-    c.train.steps_per_call = 1  # K steps fused into one compiled call with lax.scan
-    c.train.sync_every = 16  # block on a result at least this often (forced CPU collectives can deadlock)
-    c.train.progress = "auto"  # auto: a bar on a terminal, plain lines otherwise; or bar / lines / off
-    c.train.nonfinite = "stop"  # a NaN/Inf loss: stop (keeping the last good checkpoint) or skip the step
-    c.train.max_skipped = 10  # nonfinite=skip: stop anyway after this many non-finite steps in a row
-
-    c.parallel = mlc.ConfigDict()
-    c.parallel.strategy = "single"
+    for key, setting in schema().items():
+        *sections, leaf = key.split(".")
+        node = c
+        for section in sections:
+            if section not in node:
+                node[section] = mlc.ConfigDict()
+            node = node[section]
+        node[leaf] = setting.default
     c.parallel.mesh = mlc.ConfigDict({"data": -1})  # axis -> size; -1 is "all remaining devices"
-    c.parallel.cpu_devices = 0  # >0: simulate this many CPU devices (must be set before JAX starts)
-    c.parallel.replicate = ()  # tensor / hybrid: layers kept whole on every device, e.g. ("layer_2",)
-    c.parallel.partition = "sample"  # dp: cut the data by samples, features, or both (hybrid)
-    c.parallel.hybrid_data = "dp"  # hybrid: the data axis replicates parameters (dp) or shards them (fsdp)
-    c.parallel.staleness = 0  # async: gradient delay tau (or its bound s with random_staleness); 0 is dp
-    c.parallel.random_staleness = False  # async: draw tau per step and worker uniformly from [0, s]
-    c.parallel.n_push = 1  # param_server: workers push accumulated gradients every n_push steps
-    c.parallel.n_fetch = 1  # param_server: workers pull the parameters every n_fetch steps
-    c.parallel.local_steps = 1  # local_sgd: optimizer steps each worker takes between averaging (H)
-    c.parallel.microbatches = 1  # pipeline: GPipe microbatches M per step (M=1: plain layer-wise MP)
-    c.parallel.stages = ()  # pipeline: first layer of every stage but the first, e.g. (2,); () balances FLOPs
-    c.parallel.memory_budget_mb = 0.0  # >0: refuse layouts whose planned bytes per device exceed this
-
-    c.checkpoint = mlc.ConfigDict()
-    c.checkpoint.every = 0  # save every this many steps and at the end; 0: no checkpoints
-    c.checkpoint.keep = 3  # keep the latest this many checkpoints
-    c.checkpoint.async_save = True  # write in the background while training goes on
-
-    c.distributed = mlc.ConfigDict()
-    c.distributed.heartbeat_timeout_s = 10  # a peer silent this long is dead: every process then exits
-    c.distributed.shutdown_timeout_s = 30  # how long the processes wait for each other at the end
-    c.distributed.init_timeout_s = 120  # how long to wait for every process to join
     return c
 
 
@@ -290,49 +357,24 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _choice(value, choices, key):
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not known{_closest(str(value), choices)}")
+def _get(c: mlc.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
 
 
 def validate(c: mlc.ConfigDict) -> None:
-    """Checks that need no data and no devices. Data and device checks happen where those are known."""
-    _choice(c.data.name, DATASETS, "data.name")
-    _choice(c.model.activation, ACTIVATIONS, "model.activation")
-    _choice(c.model.kernel_init, INITS, "model.kernel_init")
-    _choice(c.model.bias_init, INITS, "model.bias_init")
-    _choice(c.model.dtype, DTYPES, "model.dtype")
-    _choice(c.model.param_dtype, DTYPES, "model.param_dtype")
-    _choice(c.optimizer.name, OPTIMIZERS, "optimizer.name")
-    _choice(c.optimizer.schedule, SCHEDULES, "optimizer.schedule")
-    _choice(c.train.loss, LOSSES, "train.loss")
-    _choice(c.train.progress, ("auto", "bar", "lines", "off"), "train.progress")
-    _choice(c.train.nonfinite, ("stop", "skip"), "train.nonfinite")
-    _choice(c.data.task, ("classification", "regression"), "data.task")
+    """Checks that need no data and no devices: every key against its declared range, then the checks
+    across keys. Data and device checks happen where those are known."""
+    from bpjax import strategies
 
-    for i, w in enumerate(c.model.hidden):
-        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-            raise UserError(
-                f"model.hidden[{i}]={w!r}: layer widths must be positive integers, e.g. (512, 256)"
-            )
-    lr = c.optimizer.learning_rate
-    if not math.isfinite(lr) or lr <= 0:
-        raise UserError(f"optimizer.learning_rate={lr!r} must be a positive finite number, e.g. 1e-3")
-    if c.optimizer.clip_norm < 0:
-        raise UserError(f"optimizer.clip_norm={c.optimizer.clip_norm} must be >= 0 (0 turns clipping off)")
-    if not 0 <= c.optimizer.momentum < 1:
-        raise UserError(f"optimizer.momentum={c.optimizer.momentum} must be in [0, 1)")
-    warmup = c.optimizer.warmup_steps
-    if warmup < 0 or (warmup and warmup >= c.train.steps):
-        raise UserError(f"optimizer.warmup_steps={warmup} must be in [0, train.steps={c.train.steps})")
-
+    for key, setting in schema().items():
+        setting.check(key, _get(c, key))
+    strategies.get(c.parallel.strategy)
     t = c.train
-    for key in ("steps", "batch_size", "steps_per_call", "sync_every"):
-        if t[key] < 1:
-            raise UserError(f"train.{key}={t[key]} must be >= 1")
-    for key in ("eval_every", "log_every"):
-        if t[key] < 0:
-            raise UserError(f"train.{key}={t[key]} must be >= 0 (0: only at the end)")
+    warmup = c.optimizer.warmup_steps
+    if warmup and warmup >= t.steps:
+        raise UserError(f"optimizer.warmup_steps={warmup} must be in [0, train.steps={t.steps})")
     k = t.steps_per_call
     if t.steps % k:
         raise UserError(
@@ -344,49 +386,61 @@ def validate(c: mlc.ConfigDict) -> None:
             f"train.eval_every={t.eval_every} is not a multiple of train.steps_per_call={k}; "
             f"evaluation happens between compiled calls (use eval_every={max(t.eval_every // k, 1) * k})"
         )
-    if c.data.num_samples < 2:
-        raise UserError(f"data.num_samples={c.data.num_samples} must be >= 2")
-    if not 0 < c.data.test_fraction < 1:
-        raise UserError(f"data.test_fraction={c.data.test_fraction} must be between 0 and 1")
     if c.train.loss == "cross_entropy" and c.data.name == "synthetic_regression":
         raise UserError(
             "train.loss=cross_entropy needs class labels; synthetic_regression needs train.loss=mse"
-        )
-    if c.parallel.cpu_devices < 0:
-        raise UserError(
-            f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 0 (0 leaves JAX's default)"
         )
     for axis, size in c.parallel.mesh.items():
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
             raise UserError(
                 f"parallel.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)"
             )
-    _choice(c.parallel.hybrid_data, ("dp", "fsdp"), "parallel.hybrid_data")
-    _choice(c.parallel.partition, ("sample", "feature", "hybrid"), "parallel.partition")
-    if c.parallel.memory_budget_mb < 0:
-        raise UserError(f"parallel.memory_budget_mb={c.parallel.memory_budget_mb} must be >= 0 (0: no check)")
-    if c.parallel.staleness < 0:
-        raise UserError(f"parallel.staleness={c.parallel.staleness} must be >= 0 (0 is synchronous dp)")
-    if c.parallel.n_push < 1 or c.parallel.n_fetch < 1:
-        raise UserError("parallel.n_push and parallel.n_fetch must be >= 1 (1 and 1 is synchronous dp)")
-    if c.parallel.local_steps < 1:
-        raise UserError(f"parallel.local_steps={c.parallel.local_steps} must be >= 1")
-    if c.parallel.microbatches < 1:
-        raise UserError(f"parallel.microbatches={c.parallel.microbatches} must be >= 1")
-    ck = c.checkpoint
-    if ck.every < 0 or ck.keep < 1:
-        raise UserError(
-            f"checkpoint.every={ck.every} must be >= 0 (0: no checkpoints) and checkpoint.keep={ck.keep} >= 1"
-        )
-    if ck.every % k:
-        raise UserError(
-            f"checkpoint.every={ck.every} is not a multiple of train.steps_per_call={k}; checkpoints are "
-            f"saved between compiled calls (use every={max(ck.every // k, 1) * k})"
-        )
-    if t.max_skipped < 1:
-        raise UserError(f"train.max_skipped={t.max_skipped} must be >= 1")
-    for key in ("heartbeat_timeout_s", "shutdown_timeout_s", "init_timeout_s"):
-        if c.distributed[key] < 1:
-            raise UserError(f"distributed.{key}={c.distributed[key]} must be >= 1 second")
     if list(c.parallel.mesh.values()).count(-1) > 1:
         raise UserError("parallel.mesh may use -1 for one axis only; give the other sizes explicitly")
+    every = c.checkpoint.every
+    if every % k:
+        raise UserError(
+            f"checkpoint.every={every} is not a multiple of train.steps_per_call={k}; checkpoints are "
+            f"saved between compiled calls (use every={max(every // k, 1) * k})"
+        )
+    strategies.get(c.parallel.strategy).check(c)
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every key with its type, default, valid values and help, generated
+    from the declarations (a test fails when the file in the repository is stale)."""
+    from bpjax import strategies
+
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `bpjax config --schema > docs/configuration.md`; do not edit by hand. -->",
+        "",
+        "An experiment file's `get_config()` returns `bpjax.config.default()` with some keys changed; "
+        "`--set KEY=VALUE` changes one more (values are Python literals). Every value is checked against "
+        "the range below before anything is compiled or written. `parallel.mesh` maps mesh axes to sizes "
+        "(`-1`: all remaining devices); each strategy's own settings are listed with the strategies that "
+        "read them.",
+    ]
+    section = None
+    keys = schema()
+    order = list(dict.fromkeys(k.split(".")[0] if "." in k else "" for k in keys))
+    ranked = sorted(keys.items(), key=lambda kv: order.index(kv[0].split(".")[0] if "." in kv[0] else ""))
+    for key, s in ranked:
+        head = key.split(".")[0] if "." in key else "top level"
+        if head != section:
+            section = head
+            lines += ["", f"## `{head}`" if head != "top level" else "## Top level", ""]
+            lines += ["| key | type | default | valid values | meaning |", "|---|---|---|---|---|"]
+        meaning = s.help
+        if key.startswith("parallel.") and strategies.users(key.split(".", 1)[1]):
+            meaning += f" (read by {', '.join(strategies.users(key.split('.', 1)[1]))})"
+        valid = s.range_text() or "any"
+        lines.append(f"| `{key}` | {s.kind} | `{s.default!r}` | {valid} | {meaning.replace('|', '/')} |")
+        if key == "parallel.strategy":
+            names = ", ".join(f"`{n}`" for n in strategies.REGISTRY)
+            lines.append(
+                f"| `parallel.mesh` | dict | `{{'data': -1}}` | axis -> size >= 1 or -1 | mesh axes and "
+                f"their sizes; strategies: {names} |"
+            )
+    return "\n".join(lines) + "\n"

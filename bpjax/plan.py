@@ -3,7 +3,9 @@
 For the strategy a config selects, `make_plan` reports, per layer, each parameter's PartitionSpec and the
 per-device bytes of its parameters, gradients, optimizer state and activations, and the collectives one
 training step needs, with their bytes: an *analytic* model of the layout, written from the sharded-shape
-algebra (e.g. a row-parallel layer all-reduces its output ``[B, F]``). `compiled_report` compiles the
+algebra (e.g. a row-parallel layer all-reduces its output ``[B, F]``). Nothing here knows a strategy:
+where each parameter lives comes from the strategy's declared placement, and the collectives from its
+declared cost model (`bpjax.strategies.base.Definition`), beside the code that causes them. `compiled_report` compiles the
 step and reads what the compiler actually emitted (`bpjax.hlo`) and its memory analysis, so the two can
 be compared; the tests hold them to 5%.
 
@@ -15,36 +17,22 @@ all-gather or reduce-scatter.
 
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bpjax import hlo
+from bpjax import hlo, strategies
 from bpjax.errors import UserError
 from bpjax.models import describe
 from bpjax.models.mlp import layer_name
-from bpjax.train import Setup, prepare
+from bpjax.strategies.base import Collective, CostInput, local_bytes
 
-
-@dataclass(frozen=True)
-class Collective:
-    kind: str  # all-reduce, all-gather, reduce-scatter, collective-permute
-    axis: str  # the mesh axis it runs over
-    group: int  # devices per group
-    array_bytes: int  # per occurrence
-    where: str  # e.g. "layer_1 forward", "gradients"
-    count: int = 1  # occurrences per step (pipeline: once per tick of a loop the HLO lists once)
-    every: int = 1  # runs on one step in this many (local_sgd's averaging, param_server's push/fetch)
-
-    @property
-    def wire_bytes(self) -> float:
-        g = self.group
-        factor = {"all-reduce": 2 * (g - 1) / g, "collective-permute": 1.0}.get(self.kind, (g - 1) / g)
-        return self.array_bytes * factor * self.count
+if TYPE_CHECKING:
+    from bpjax.preflight import Setup
 
 
 @dataclass
@@ -56,7 +44,7 @@ class LayerPlan:
     grad_bytes: int
     opt_bytes: int
     act_bytes: int
-    stage: int | None = None  # pipeline: the stage (device) that holds the layer
+    devices: tuple[int, ...] = ()  # positions in the strategy's devices that hold a block of the layer
 
 
 @dataclass
@@ -75,10 +63,14 @@ class Plan:
     @property
     def totals(self) -> dict[str, float]:
         keys = ("param_bytes", "grad_bytes", "opt_bytes", "act_bytes")
-        groups: dict = {}  # per device: all layers, or (pipeline) the layers of one stage; take the largest
-        for layer in self.layers:
-            groups.setdefault(layer.stage, []).append(layer)
-        out = {k: max(sum(getattr(x, k) for x in g) for g in groups.values()) for k in keys}
+        # Per device: the layers it holds a block of (all of them, or a pipeline stage's); the largest.
+        devices = {d for layer in self.layers for d in layer.devices} or {0}
+        out = {
+            k: max(
+                sum(getattr(x, k) for x in self.layers if d in x.devices or not x.devices) for d in devices
+            )
+            for k in keys
+        }
         out["collective_bytes"] = sum(c.array_bytes * c.count for c in self.collectives)
         # Each collective once, as the HLO text lists the body of a loop once: what --compiled compares.
         out["static_collective_bytes"] = sum(c.array_bytes for c in self.collectives)
@@ -135,19 +127,12 @@ def _b(n: float) -> str:
     return str(n)
 
 
-def _spec_text(sharding, stacked: bool) -> str:
-    if stacked:
-        return "P(data) stacked"
+def _spec_text(sharding, devices: tuple[jax.Device, ...]) -> str:
     spec = getattr(sharding, "spec", None)
-    return str(spec if spec is not None else "P()").replace("PartitionSpec", "P")
-
-
-def _local_bytes(struct, stacked: bool) -> int:
-    shape = struct.shape[1:] if stacked else struct.shape
-    sharding = getattr(struct, "sharding", None)
-    if sharding is not None and not stacked:
-        shape = sharding.shard_shape(struct.shape)
-    return math.prod(shape) * np.dtype(struct.dtype).itemsize
+    if spec is not None:
+        return str(spec).replace("PartitionSpec", "P")
+    held = sorted(devices.index(d) for d in sharding.device_set)
+    return "on " + ",".join(f"d{i}" for i in held)
 
 
 def _batch_bytes(setup: Setup) -> int:
@@ -156,288 +141,72 @@ def _batch_bytes(setup: Setup) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed))
 
 
-def _opt_bytes_by_param(problem, opt_shapes, stacked: bool) -> dict[tuple[str, str], int]:
-    """Per-device optimizer-state bytes of each (layer, parameter): the leaves that mirror it."""
-    local = optax.tree_map_params(
-        problem.tx, lambda leaf: _local_bytes(leaf, stacked), opt_shapes, transform_non_params=lambda _: 0
+def _with_placement(problem, params, tree):
+    """The reference optimizer state's abstract leaves, each laid out like the parameter it mirrors."""
+    return optax.tree_map_params(
+        problem.tx,
+        lambda leaf, p: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=p.sharding),
+        tree,
+        params,
+        transform_non_params=lambda leaf: leaf,
     )
+
+
+def make_plan(setup: Setup) -> Plan:
+    """The plan of the strategy ``setup`` holds (nothing is compiled or allocated)."""
+    problem, strategy, config = setup.problem, setup.strategy, setup.config
+    definition = strategies.get(strategy.name)
+    params = strategies.placement(problem, strategy, config.parallel)
+    reference = jax.eval_shape(problem.init, jax.random.key(0))
+    opt_state = _with_placement(problem, params, reference.opt_state)
+    opt_by_param = _opt_bytes_by_param(problem, opt_state)
+    widths = (setup.dataset.num_features, *problem.model.widths)
+    inp = CostInput(problem, strategy, config.parallel, params, opt_state, config.train.batch_size, widths)
+    position = {d: i for i, d in enumerate(strategy.devices)}
+    layers = []
+    for i in range(len(problem.model.widths)):
+        name = layer_name(i)
+        p = params[name]
+        local = sum(local_bytes(p[k]) for k in ("kernel", "bias"))
+        out_split = local_bytes(p["bias"]) / (widths[i + 1] * np.dtype(p["bias"].dtype).itemsize)
+        layers.append(
+            LayerPlan(
+                name=name,
+                shape=f"W[{widths[i]}, {widths[i + 1]}] b[{widths[i + 1]}]",
+                specs={k: _spec_text(p[k].sharding, strategy.devices) for k in ("kernel", "bias")},
+                param_bytes=local,
+                grad_bytes=local,
+                opt_bytes=opt_by_param.get((name, "kernel"), 0) + opt_by_param.get((name, "bias"), 0),
+                # The layer's output, kept for the backward pass, split where its bias is.
+                act_bytes=int(inp.b_local * widths[i + 1] * out_split * inp.act_itemsize),
+                devices=tuple(sorted(position[d] for d in p["kernel"].sharding.device_set)),
+            )
+        )
+    cost = definition.cost(inp)
+    full_state = jax.eval_shape(strategy.init, jax.random.key(0))
+    return Plan(
+        strategy=strategy.name,
+        layout=strategy.layout,
+        mesh=inp.mesh,
+        model=describe(problem.model, setup.dataset.num_features),
+        batch_size=config.train.batch_size,
+        layers=layers,
+        collectives=list(cost.collectives),
+        state_bytes=sum(local_bytes(leaf) for leaf in jax.tree.leaves(full_state)),
+        batch_bytes=_batch_bytes(setup),
+        notes=list(cost.notes),
+    )
+
+
+def _opt_bytes_by_param(problem, opt_state) -> dict[tuple[str, str], int]:
+    """Per-device optimizer-state bytes of each (layer, parameter): the leaves that mirror it."""
+    local = optax.tree_map_params(problem.tx, local_bytes, opt_state, transform_non_params=lambda _: 0)
     out: dict[tuple[str, str], int] = {}
     for path, n in jax.tree_util.tree_flatten_with_path(local)[0]:
         keys = [getattr(k, "key", None) for k in path]
         if len(keys) >= 2 and keys[-2] is not None and keys[-1] in ("kernel", "bias"):
             out[(keys[-2], keys[-1])] = out.get((keys[-2], keys[-1]), 0) + int(n)
     return out
-
-
-def make_plan(config, setup: Setup | None = None) -> Plan:
-    """The plan of the strategy ``config`` selects (nothing is compiled or allocated)."""
-    setup = setup or prepare(config)
-    problem, strategy, config = setup.problem, setup.strategy, setup.config
-    full_shapes = jax.eval_shape(strategy.init, jax.random.key(0))
-    shapes = getattr(full_shapes, "train", full_shapes)  # async keeps a TrainState plus a history
-    if strategy.name == "pipeline":
-        return _pipeline_plan(setup, shapes)
-    stacked = strategy.name == "pmap"  # pmap's leaves carry a leading device axis
-    mesh = dict(strategy.mesh.shape) if strategy.mesh is not None else {}
-    b_local = config.train.batch_size // strategy.data_parallel
-    widths = [setup.dataset.num_features, *problem.model.widths]
-    act_itemsize = jnp.dtype(problem.model.dtype).itemsize
-    opt_bytes = _opt_bytes_by_param(problem, shapes.opt_state, stacked)
-    layers = []
-    for i in range(len(problem.model.widths)):
-        name = layer_name(i)
-        p = shapes.params[name]
-        specs = {k: _spec_text(getattr(p[k], "sharding", None), stacked) for k in ("kernel", "bias")}
-        local = sum(_local_bytes(p[k], stacked) for k in ("kernel", "bias"))
-        out_split = _local_bytes(p["bias"], stacked) / (widths[i + 1] * np.dtype(p["bias"].dtype).itemsize)
-        layers.append(
-            LayerPlan(
-                name=name,
-                shape=f"W[{widths[i]}, {widths[i + 1]}] b[{widths[i + 1]}]",
-                specs=specs,
-                param_bytes=local,
-                grad_bytes=local,
-                opt_bytes=opt_bytes.get((name, "kernel"), 0) + opt_bytes.get((name, "bias"), 0),
-                # The layer's output, kept for the backward pass, split where its bias is.
-                act_bytes=int(b_local * widths[i + 1] * out_split * act_itemsize),
-            )
-        )
-    collectives, notes = predicted_collectives(strategy.name, config, problem, shapes, mesh, b_local, widths)
-    return Plan(
-        strategy=strategy.name,
-        layout=strategy.layout,
-        mesh=mesh,
-        model=describe(problem.model, setup.dataset.num_features),
-        batch_size=config.train.batch_size,
-        layers=layers,
-        collectives=collectives,
-        state_bytes=sum(_local_bytes(leaf, stacked) for leaf in jax.tree.leaves(full_shapes)),
-        batch_bytes=_batch_bytes(setup),
-        notes=notes,
-    )
-
-
-def _pipeline_plan(setup: Setup, shapes) -> Plan:
-    """Pipeline: each layer whole on its stage's device; activations cross stages once per tick."""
-    from bpjax.strategies.pipeline import assign_stages
-
-    problem, strategy, config = setup.problem, setup.strategy, setup.config
-    widths = [setup.dataset.num_features, *problem.model.widths]
-    n = len(problem.model.widths)
-    stages = assign_stages(
-        [(widths[i], widths[i + 1]) for i in range(n)], strategy.num_devices, config.parallel.stages
-    )
-    ref = jax.eval_shape(problem.init, jax.random.key(0))
-    opt_bytes = _opt_bytes_by_param(problem, ref.opt_state, False)
-    act = jnp.dtype(problem.model.dtype).itemsize
-    batch = config.train.batch_size
-    layers = []
-    for s, members in enumerate(stages):
-        for i in members:
-            name, p = layer_name(i), ref.params[layer_name(i)]
-            local = sum(_local_bytes(p[k], False) for k in ("kernel", "bias"))
-            layers.append(
-                LayerPlan(
-                    name=name,
-                    shape=f"W[{widths[i]}, {widths[i + 1]}] b[{widths[i + 1]}]",
-                    specs={"kernel": f"stage {s}", "bias": f"stage {s}"},
-                    param_bytes=local,
-                    grad_bytes=local,
-                    opt_bytes=opt_bytes.get((name, "kernel"), 0) + opt_bytes.get((name, "bias"), 0),
-                    act_bytes=batch * widths[i + 1] * act,  # all M microbatches are kept for backward
-                    stage=s,
-                )
-            )
-    S, M = len(stages), config.parallel.microbatches
-    collectives = []
-    if S > 1:
-        widest = max(widths[members[-1] + 1] for members in stages[:-1])
-        tick = batch // M * widest * act
-        collectives = [
-            Collective(
-                "collective-permute", "stage", 2, tick, "activations, stage s -> s+1, every tick", M + S - 1
-            ),
-            Collective(
-                "collective-permute", "stage", 2, tick, "gradients, stage s+1 -> s, every tick", M + S - 1
-            ),
-            Collective("all-reduce", "stage", S, 4, "loss (summed from the last stage)"),
-        ]
-    notes = [
-        f"{M + S - 1} ticks each way, a bubble of (S-1)/(M+S-1) = {(S - 1) / (M + S - 1):.2f}; activations "
-        f"cross stages padded to the widest boundary; parameters per device are the largest stage, padded "
-        "(see state as stored)"
-    ]
-    return Plan(
-        strategy=strategy.name,
-        layout=strategy.layout,
-        mesh=dict(strategy.mesh.shape),
-        model=describe(problem.model, setup.dataset.num_features),
-        batch_size=batch,
-        layers=layers,
-        collectives=collectives,
-        state_bytes=sum(_local_bytes(leaf, False) for leaf in jax.tree.leaves(shapes)),
-        batch_bytes=_batch_bytes(setup),
-        notes=notes,
-    )
-
-
-def _tensor_collectives(problem, shapes, model: int, b_local: int, widths) -> tuple[list, list]:
-    """Activations crossing the ``model`` axis, walking the layers with the activation's layout."""
-    out, notes = [], []
-    act = jnp.dtype(problem.model.dtype).itemsize
-    sharded_in = False  # is the activation entering layer i split over model?
-    for i in range(len(problem.model.widths)):
-        spec = tuple(shapes.params[layer_name(i)]["kernel"].sharding.spec) + (None, None)
-        row, col = spec[0] == "model", spec[1] == "model"
-        x_in, x_out = b_local * widths[i] * act, b_local * widths[i + 1] * act
-        where = layer_name(i)
-        if row:  # each device holds a slice of the inputs: the output is a partial sum
-            out.append(
-                Collective("all-reduce", "model", model, x_out, f"{where} forward (row-parallel output)")
-            )
-            if i > 0 and not sharded_in:  # the input gradient comes out split; the layer below needs it whole
-                out.append(
-                    Collective("all-gather", "model", model, x_in, f"{where} backward (input gradient)")
-                )
-        else:
-            if sharded_in:
-                out.append(Collective("all-gather", "model", model, x_in, f"{where} forward (input)"))
-                notes.append(
-                    f"{where} is replicated after a column-parallel layer: this is the minimum, the compiler "
-                    "may move more (see --compiled)"
-                )
-            if col and i > 0:  # each device's input gradient is a partial sum
-                out.append(
-                    Collective("all-reduce", "model", model, x_in, f"{where} backward (input gradient)")
-                )
-        sharded_in = col
-    return out, notes
-
-
-def _split_over_data(params, data: int, gathered: bool = True) -> tuple[int, int]:
-    """``(full bytes of the parameters stored split over data, bytes of the others)`` per device
-    (within its model group). With ``gathered=False`` every parameter counts as unsplit."""
-    split = whole = 0
-    for leaf in jax.tree.leaves(params):
-        local = _local_bytes(leaf, False)
-        if gathered and "data" in tuple(leaf.sharding.spec):
-            split += local * data
-        else:
-            whole += local
-    return split, whole
-
-
-def predicted_collectives(name, config, problem, shapes, mesh, b_local, widths):
-    """The collectives one step needs at the minimum: ``(collectives, notes)``."""
-    out: list[Collective] = []
-    notes: list[str] = []
-    data, model, feature = mesh.get("data", 1), mesh.get("model", 1), mesh.get("feature", 1)
-
-    if name == "dp" and feature > 1:  # feature partitioning: the first layer's partial products
-        act = jnp.dtype(problem.model.dtype).itemsize
-        out.append(
-            Collective(
-                "all-reduce",
-                "feature",
-                feature,
-                b_local * widths[1] * act,
-                "layer_0 forward (sum over features)",
-            )
-        )
-    if name == "async" and config.parallel.staleness:
-        notes.append(
-            f"async keeps {config.parallel.staleness + 1} versions of the parameters on every device "
-            "(see state as stored); the gradients are all-reduced every step, as in dp"
-        )
-    if name in ("pmap", "dp", "async") and data > 1:
-        total = sum(_local_bytes(s, name == "pmap") for s in jax.tree.leaves(shapes.params))
-        out.append(
-            Collective("all-reduce", "data", data, total + 4, "gradients and loss (one fused all-reduce)")
-        )
-    if name == "param_server" and data > 1:
-        p = config.parallel
-        sharded_b, whole_b = _split_over_data(shapes.params, data)
-        push, pull = f"once every {p.n_push} step(s)", f"once every {p.n_fetch} step(s)"
-        out.append(
-            Collective(
-                "reduce-scatter",
-                "data",
-                data,
-                sharded_b,
-                f"push: gradients to the server shards, {push}",
-                every=p.n_push,
-            )
-        )
-        if whole_b:
-            out.append(
-                Collective(
-                    "all-reduce",
-                    "data",
-                    data,
-                    whole_b,
-                    f"push: gradients of unsplit parameters, {push}",
-                    every=p.n_push,
-                )
-            )
-        out.append(
-            Collective(
-                "all-gather",
-                "data",
-                data,
-                sharded_b,
-                f"fetch: parameters from the server, {pull}",
-                every=p.n_fetch,
-            )
-        )
-        out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
-        notes.append(
-            "param_server's pushes and fetches run under a condition; the compiler may add its own copies "
-            "(compare with --compiled)"
-        )
-    if name == "local_sgd" and data > 1:
-        H = config.parallel.local_steps
-        floats = [
-            x
-            for x in jax.tree.leaves((shapes.params, shapes.opt_state))
-            if jnp.issubdtype(x.dtype, jnp.floating)
-        ]
-        out.append(
-            Collective(
-                "all-reduce",
-                "data",
-                data,
-                sum(_local_bytes(x, False) for x in floats),
-                f"parameters and optimizer state, averaged once every {H} step(s)",
-                every=H,
-            )
-        )
-        out.append(Collective("all-reduce", "data", data, 4, "loss (mean over workers, for the log)"))
-        notes.append(f"the averaging runs on 1 step in {H}; per step that is {1 / H:.2f} of its bytes")
-    if name in ("tensor", "hybrid") and model > 1:
-        tensor, tensor_notes = _tensor_collectives(problem, shapes, model, b_local, widths)
-        out += tensor
-        notes += tensor_notes
-    if name == "hybrid" and data > 1 and config.parallel.hybrid_data == "fsdp":
-        notes.append(
-            "hybrid with fsdp: the compiler chooses how to gather the parameters and reduce the "
-            "gradients, and can move more than this minimum (XLA:CPU all-reduced instead of "
-            "reduce-scattering on a 24-64-48-10 net: 1.09x at data=2 x model=4, 1.24x at data=4 x "
-            "model=2; 1.00x on 64-512-256-128-10); check with --compiled"
-        )
-    if name in ("fsdp", "hybrid") and data > 1:
-        if name == "fsdp" or config.parallel.hybrid_data == "fsdp":
-            gather_b, reduce_b = _split_over_data(shapes.params, data)
-        else:
-            gather_b, reduce_b = 0, _split_over_data(shapes.params, data, gathered=False)[1]
-        if gather_b:
-            out.append(Collective("all-gather", "data", data, gather_b, "parameters, gathered for use"))
-            out.append(
-                Collective("reduce-scatter", "data", data, gather_b, "gradients of sharded parameters")
-            )
-        out.append(
-            Collective("all-reduce", "data", data, reduce_b + 4, "gradients of the other parameters, loss")
-        )
-    return out, notes
 
 
 def compiled_report(setup: Setup) -> dict:
@@ -456,9 +225,9 @@ def compiled_report(setup: Setup) -> dict:
     }
 
 
-def compare(plan: Plan, setup: Setup) -> str:
+def compare(plan: Plan, setup: Setup, report: dict | None = None) -> str:
     """The compiled program against the plan, as text: collectives and argument bytes, with ratios."""
-    r = compiled_report(setup)
+    r = report or compiled_report(setup)
     predicted = plan.totals["static_collective_bytes"]
     args = plan.state_bytes + plan.batch_bytes
     lines = ["collectives per step (compiled):"]
@@ -485,6 +254,72 @@ def compare(plan: Plan, setup: Setup) -> str:
     return "\n".join(lines)
 
 
+def to_json(plan: Plan, compiled: dict | None = None) -> dict:
+    """The plan as one JSON-ready object (``bpjax plan --json``); bytes per device and per training step.
+
+    ``predicted.collective_bytes`` counts every occurrence, averaged over steps for collectives that run
+    on one step in several; ``static_collective_bytes`` counts each once, as the HLO text lists a loop
+    body once, which is what ``compiled.collective_bytes`` (read from that text) compares with.
+    """
+    t = plan.totals
+    out = {
+        "strategy": plan.strategy,
+        "mesh": plan.mesh,
+        "layout": plan.layout,
+        "model": plan.model,
+        "batch_size": plan.batch_size,
+        "predicted": {
+            "collective_bytes": sum(c.array_bytes * c.count / c.every for c in plan.collectives),
+            "static_collective_bytes": t["static_collective_bytes"],
+            "wire_bytes": t["wire_bytes_per_step"],
+            "state_bytes_per_device": plan.state_bytes,
+            "activation_bytes_per_device": t["act_bytes"],
+            "param_bytes_per_device": t["param_bytes"],
+            "grad_bytes_per_device": t["grad_bytes"],
+            "opt_bytes_per_device": t["opt_bytes"],
+            "batch_bytes_per_device": plan.batch_bytes,
+            "total_bytes_per_device": per_device_bytes(plan),
+            "collectives": [
+                {
+                    "kind": c.kind,
+                    "axis": c.axis,
+                    "group": c.group,
+                    "array_bytes": c.array_bytes,
+                    "count": c.count,
+                    "every": c.every,
+                    "where": c.where,
+                }
+                for c in plan.collectives
+            ],
+        },
+        "layers": [
+            {
+                "name": r.name,
+                "shape": r.shape,
+                "specs": r.specs,
+                "param_bytes": r.param_bytes,
+                "opt_bytes": r.opt_bytes,
+                "act_bytes": r.act_bytes,
+                "devices": list(r.devices),
+            }
+            for r in plan.layers
+        ],
+        "notes": plan.notes,
+    }
+    if compiled is not None:
+        out["compiled"] = {
+            "collective_bytes": compiled["collective_bytes"],
+            "temp_bytes_per_device": compiled["temp_bytes"],
+            "argument_bytes_per_device": compiled["argument_bytes"],
+            "collectives": [
+                {"kind": c.kind, "group": c.group, "array_bytes": c.array_bytes}
+                for c in compiled["collectives"]
+            ],
+        }
+    json.dumps(out)  # fails here, not in the caller, if anything is not JSON
+    return out
+
+
 def per_device_bytes(plan: Plan) -> int:
     """What one device holds during a step: stored state, gradients, activations and the batch."""
     t = plan.totals
@@ -498,5 +333,5 @@ def check_memory_budget(plan: Plan, budget_mb: float) -> None:
         raise UserError(
             f"{plan.strategy} needs {need / 2**20:.1f} MiB per device (parameters, gradients, optimizer "
             f"state, activations) but parallel.memory_budget_mb={budget_mb:g}; shard the model "
-            "(fsdp, tensor, hybrid, pipeline), use more devices, or raise the budget"
+            f"({strategies.names(lambda d: d.shards_parameters)}), use more devices, or raise the budget"
         )

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from bpjax.data import Batches
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Strategy, to_host
 
 
 def train_steps(strategy: Strategy, batches: Batches, steps: int, k: int = 1, seed: int = 0):
@@ -23,7 +23,7 @@ def train_steps(strategy: Strategy, batches: Batches, steps: int, k: int = 1, se
     losses = []
     for start in range(0, steps, k):
         state, metrics = strategy.step(state, strategy.shard_batch(batches.stack(start, k)))
-        losses.append(strategy.gather(metrics)["loss"].reshape(-1))
+        losses.append(to_host(metrics)["loss"].reshape(-1))
     return init, strategy.gather(state), np.concatenate(losses)
 
 

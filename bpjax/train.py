@@ -1,9 +1,10 @@
 """The train loop: one loop for every strategy, with no parallel logic of its own.
 
-``run(config, workdir)`` checks everything it can before it compiles or writes anything (config, data,
-devices, batch divisibility), then: ``strategy.init`` -> for each call ``shard_batch`` + ``step`` (K fused
-steps) -> log and evaluate between calls -> write ``summary.json``. The CLI, the experiment files, the
-notebooks and the tests all call this function.
+``run(config, workdir)`` makes every pre-flight check (`bpjax.preflight`: config, data, devices, memory,
+the output folder) before it compiles or writes anything, then: ``strategy.init`` -> for each call
+``shard_batch`` + ``step`` (K fused steps) -> between calls, when due: sync, the non-finite policy,
+save, log and evaluate -> write ``summary.json``. The CLI, the experiment files, the notebooks and the
+tests all call this function.
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from bpjax import config as cfg_lib
 from bpjax import data as data_lib
-from bpjax import distributed, faults, strategies
+from bpjax import distributed, faults
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
-from bpjax.devices import use_cpu_devices
-from bpjax.errors import TrainingStopped, UserError
+from bpjax.errors import TrainingStopped
 from bpjax.metrics import RUN_FILES, MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
-from bpjax.step import Problem, TrainState, make_problem
-from bpjax.strategies.base import Strategy
+from bpjax.preflight import Setup, check_output, prepare
+from bpjax.step import Problem, TrainState
+from bpjax.strategies.base import to_host
 
 EVAL_CHUNK = 8192  # test examples per evaluation call: bounds memory for large synthetic test sets
 
@@ -51,115 +51,6 @@ class RunResult:
         return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], dtype=float)
 
 
-@dataclass
-class Setup:
-    """Everything checked and built before the first compile or write."""
-
-    config: mlc.ConfigDict
-    dataset: data_lib.Dataset
-    problem: Problem
-    strategy: Strategy
-    batches: data_lib.Batches
-
-
-def prepare(config: mlc.ConfigDict) -> Setup:
-    """Validate ``config`` against the schema, the data and the devices; build the strategy (no compile).
-
-    In a multi-process run (`bpjax.distributed`) this is also where the process joins the others:
-    ``parallel.cpu_devices`` counts devices over all processes, so each simulates its share.
-    """
-    config = cfg_lib.merge_into_default(config)
-    cfg_lib.validate(config)
-    strategies.get(config.parallel.strategy)  # an unknown name fails here, before any data is loaded
-    processes = distributed.num_processes()
-    if config.parallel.cpu_devices:
-        check_processes(config, processes)
-        use_cpu_devices(config.parallel.cpu_devices // processes)
-    distributed.initialize(config.distributed)
-    ds = data_lib.load(config.data, config.seed)
-    if ds.task == "regression" and config.train.loss != "mse":
-        raise UserError(f"data {config.data.name} has real-valued targets; set train.loss=mse")
-    if ds.task == "classification" and config.train.loss == "mse":
-        raise UserError(f"data {config.data.name} has class labels; set train.loss=cross_entropy")
-    problem = make_problem(config, ds.num_features, ds.num_outputs)
-    strategy = strategies.make(config.parallel.strategy, problem, config.parallel)
-    b, n = config.train.batch_size, strategy.data_parallel
-    if b % n:
-        raise UserError(
-            f"train.batch_size={b} is not divisible by {n} data-parallel devices; "
-            f"use a multiple of {n} such as {max(b // n, 1) * n}"
-        )
-    if b % strategy.microbatches:
-        m = strategy.microbatches
-        raise UserError(
-            f"train.batch_size={b} is not divisible by parallel.microbatches={m}; "
-            f"use batch_size={max(b // m, 1) * m} or a divisor of {b} as microbatches"
-        )
-    batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
-    setup = Setup(config, ds, problem, strategy, batches)
-    check_multi_process(setup, processes)
-    return setup
-
-
-def check_processes(config: mlc.ConfigDict, processes: int) -> None:
-    """The simulated CPU devices must split evenly over the processes (``processes`` >= 1)."""
-    n = config.parallel.cpu_devices
-    if n and n % processes:
-        ok = [p for p in range(1, n + 1) if n % p == 0]
-        raise UserError(
-            f"{processes} processes cannot share parallel.cpu_devices={n} evenly; "
-            f"use --processes {' or '.join(map(str, ok))}"
-        )
-
-
-def check_multi_process(setup: Setup, processes: int) -> None:
-    """Only the strategies tested across processes may run in several."""
-    if processes > 1 and not setup.strategy.multi_process:
-        raise UserError(
-            f"{setup.strategy.name} (partition={setup.config.parallel.partition}) runs in one process only; "
-            f"across processes use pmap, dp (partition=sample), fsdp, tensor or hybrid"
-        )
-
-
-def check_output(
-    setup: Setup, workdir: str | Path | None, overwrite: bool, resume: bool
-) -> tuple[Path | None, int]:
-    """Read-only checks of the output folder: ``(workdir, the step the run starts from)``.
-
-    Every process makes them (and `bpjax launch`, before it starts any) before anything is written.
-    """
-    out = _check_workdir(workdir, overwrite, resume)
-    return out, _resume_point(setup.config, setup.strategy, out) if resume else 0
-
-
-def _check_workdir(workdir: str | Path | None, overwrite: bool, resume: bool) -> Path | None:
-    """Read-only checks of the output folder (every process makes them before anything is written)."""
-    if workdir is None:
-        if resume:
-            raise UserError("--resume needs the --workdir of the run to continue")
-        return None
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir} is a file; give a folder")
-    if resume and overwrite:
-        raise UserError(
-            "--resume continues the run in --workdir and --overwrite replaces it; pass one of them"
-        )
-    if resume:
-        if not (workdir / CHECKPOINTS).is_dir():
-            raise UserError(
-                f"--resume: {workdir} holds no checkpoints; run without --resume (checkpoint.every > 0 saves them)"
-            )
-        return workdir
-    taken = [f for f in (*RUN_FILES, CHECKPOINTS) if (workdir / f).exists()]
-    if taken and not overwrite:
-        raise UserError(
-            f"{workdir} already holds a run ({taken[0]}); choose another --workdir, pass --resume to continue "
-            f"it or --overwrite to replace it"
-        )
-    return workdir
-
-
 def _open_workdir(workdir: Path, resume_step: int | None) -> None:
     """Process 0 only: clear an overwritten run, or cut a resumed run's log back to its checkpoint."""
     if resume_step is None:
@@ -174,30 +65,6 @@ def _open_workdir(workdir: Path, resume_step: int | None) -> None:
         tmp = log.with_name(log.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
         os.replace(tmp, log)
-
-
-def _resume_point(config, strategy: Strategy, workdir: Path) -> int:
-    """The latest complete checkpoint's step, checked against this run's config and strategy."""
-    ckpt = Checkpointer(workdir / CHECKPOINTS, config, strategy, create=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(
-                f"--resume: {workdir / CHECKPOINTS} holds no complete checkpoint; run without --resume"
-            )
-        ckpt.check(step)
-    finally:
-        ckpt.close()
-    if step >= config.train.steps:
-        raise UserError(
-            f"--resume: the run in {workdir} is complete at step {step}; raise train.steps to train further"
-        )
-    if step % config.train.steps_per_call:
-        raise UserError(
-            f"--resume: checkpoint step {step} is not a multiple of train.steps_per_call="
-            f"{config.train.steps_per_call}; resume with the steps_per_call that saved it"
-        )
-    return step
 
 
 def make_evaluator(problem: Problem, ds: data_lib.Dataset):
@@ -247,142 +114,210 @@ def run(
       TrainingStopped: the loss became NaN or Inf (``train.nonfinite``); the last good checkpoint stays.
     """
     setup = prepare(config)
-    if setup.config.parallel.memory_budget_mb:
-        from bpjax.plan import check_memory_budget, make_plan
-
-        check_memory_budget(make_plan(setup.config, setup), setup.config.parallel.memory_budget_mb)
-    config, ds, problem, strategy, batches = (
-        setup.config,
-        setup.dataset,
-        setup.problem,
-        setup.strategy,
-        setup.batches,
-    )
-    t = config.train
     out, start = check_output(setup, workdir, overwrite, resume)
-    leader = distributed.is_leader()
-    distributed.barrier("bpjax: run checked")  # nobody writes before every process has checked
-    if out and leader:
-        _open_workdir(out, start if resume else None)
-        write_json(out / "config.json", config.to_dict())
-    distributed.barrier("bpjax: workdir ready")
-    every = config.checkpoint.every
-    ckpt = Checkpointer(out / CHECKPOINTS, config, strategy) if out and (every or resume) else None
-    log = MetricsLog(out if leader else None, append=resume)
-    evaluate = make_evaluator(problem, ds)
-    k = t.steps_per_call
-    rows = strategy.batch_rows(t.batch_size)
-    wall_start = time.perf_counter()
-
-    state = ckpt.restore(start) if resume else strategy.init(jax.random.key(config.seed))
-    first_batch = strategy.shard_batch(batches.stack(start, k, rows))
-    compile_start = time.perf_counter()
-    step_fn = strategy.step.lower(state, first_batch).compile()
-    compile_seconds = time.perf_counter() - compile_start
-
-    progress = Progress(t.steps, t.progress if leader else "off", desc=f"{config.name} [{strategy.name}]")
-    progress.advance(start)
-    train_seconds = 0.0  # time spent in training calls, evaluation and logging excluded
-    window_seconds, window_steps, window = 0.0, 0, []  # since the last logged row; window: host metrics
-    pending = []  # device metrics since the last sync
-    chunk_start = time.perf_counter()  # since the last sync
-    last_sync = start
-    bad_in_a_row, nonfinite_steps = 0, 0
-    row: dict[str, Any] = {}
-    fault = faults.after_step_check(distributed.process_index())  # None outside the fault tests
+    out = _open_run(setup, out, start if resume else None)
+    loop = _Loop(setup, out, start, resume)
     try:
-        for call in range(start // k, t.steps // k):
-            batch = (
-                first_batch if call == start // k else strategy.shard_batch(batches.stack(call * k, k, rows))
-            )
-            state, metrics = step_fn(state, batch)
-            done = (call + 1) * k
-            window_steps += k
-            pending.append(metrics)
-            progress.advance(k)
-            if fault:
-                fault(done)
-            log_now = done == t.steps or (t.log_every and (done // t.log_every) > ((done - k) // t.log_every))
-            eval_now = done == t.steps or (t.eval_every and done % t.eval_every == 0)
-            save_now = ckpt is not None and every and (done % every == 0 or done == t.steps)
-            if not (log_now or eval_now or save_now or done - last_sync >= t.sync_every):
+        state, step_fn = loop.start()
+        for call in range(start // loop.k, loop.steps // loop.k):
+            state, metrics = step_fn(state, loop.batch(call))
+            done = loop.dispatched(call, metrics)
+            if not loop.due(done):
                 continue
-            # Block: forced CPU devices deadlock with too many calls queued, and timings need it anyway.
-            hosts = [strategy.gather(m) for m in pending]
-            losses = np.concatenate([np.reshape(h["loss"], -1) for h in hosts])
-            elapsed = time.perf_counter() - chunk_start
-            train_seconds += elapsed
-            window_seconds += elapsed
-            for i, loss in enumerate(losses):
-                if np.isfinite(loss):
-                    bad_in_a_row = 0
-                    continue
-                nonfinite_steps += 1
-                bad_in_a_row += 1
-                if t.nonfinite == "stop" or bad_in_a_row > t.max_skipped:
-                    _stop_nonfinite(last_sync + i + 1, float(loss), t, ckpt, out)
-            last_sync, pending = done, []
-            window.extend(hosts)
-            if save_now:
-                # The losses were finite, but the last update may not have been: never save such a state.
-                if not bool(all_finite(state)):
-                    _stop_nonfinite(done, float("nan"), t, ckpt, out, what="the parameters became")
-                ckpt.save(done, state)
-            if log_now or eval_now:
-                means = {
-                    key: float(np.concatenate([np.reshape(m[key], -1) for m in window]).mean())
-                    for key in window[-1]
-                }
-                row = {
-                    "step": done,
-                    "train_loss": float(losses[-1]),
-                    "train_loss_mean": means.pop("loss"),
-                    "samples_per_second": window_steps * t.batch_size / max(window_seconds, 1e-9),
-                }
-                # A strategy's own metrics (param_server: bytes_pushed, bytes_pulled), per step.
-                row.update({f"{key}_per_step": value for key, value in means.items()})
-                if eval_now:
-                    row.update(evaluate(strategy.gather(state).params))
-                log.write(row)
-                progress.log(row)
-                window_seconds, window_steps, window = 0.0, 0, []
-            chunk_start = time.perf_counter()
+            losses = loop.sync(done)
+            loop.police_nonfinite(losses)
+            loop.save(done, state)
+            loop.log_and_evaluate(done, state, losses)
     finally:
-        progress.close()
-        log.close()
-        if ckpt is not None:
-            ckpt.wait()  # the last checkpoint is complete on disk before the run returns or raises
-            ckpt.close()
+        loop.close()
+    return loop.result(state)
 
-    final = strategy.gather(state)
-    summary = {
-        "name": config.name,
-        "strategy": strategy.name,
-        "layout": strategy.layout,
-        "num_devices": strategy.num_devices,
-        "processes": jax.process_count(),
-        "data_parallel": strategy.data_parallel,
-        "mesh": dict(strategy.mesh.shape) if strategy.mesh is not None else {},
-        "model": describe(problem.model, ds.num_features),
-        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(final.params))),
-        "data": repr(ds),
-        "steps": t.steps,
-        "resumed_from_step": start if resume else None,
-        "batch_size": t.batch_size,
-        "steps_per_call": k,
-        "nonfinite_steps": nonfinite_steps,
-        "final_train_loss": row.get("train_loss"),
-        "eval_loss": row.get("eval_loss"),
-        "eval_accuracy": row.get("eval_accuracy"),
-        "samples_per_second": (t.steps - start) * t.batch_size / max(train_seconds, 1e-9),
-        "compile_seconds": compile_seconds,
-        "wall_seconds": time.perf_counter() - wall_start,
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-    }
-    if out and leader:
-        write_json(out / "summary.json", summary)
-    return RunResult(config, summary, log.rows, final, out)
+
+def _open_run(setup: Setup, out: Path | None, resume_step: int | None) -> Path | None:
+    """Every process has checked; process 0 opens the workdir and writes ``config.json``."""
+    distributed.barrier("bpjax: run checked")  # nobody writes before every process has checked
+    if out and distributed.is_leader():
+        _open_workdir(out, resume_step)
+        write_json(out / "config.json", setup.config.to_dict())
+    distributed.barrier("bpjax: workdir ready")
+    return out
+
+
+class _Loop:
+    """The train loop's state between calls, and its named steps: batch, sync, non-finite policy,
+    save, log and evaluate. Nothing here knows how the strategy lays out its step."""
+
+    def __init__(self, setup: Setup, out: Path | None, start: int, resume: bool):
+        self.setup, self.out, self.start_step, self.resume = setup, out, start, resume
+        config, strategy = setup.config, setup.strategy
+        t = self.t = config.train
+        self.k, self.steps = t.steps_per_call, t.steps
+        self.leader = distributed.is_leader()
+        every = config.checkpoint.every
+        self.ckpt = Checkpointer(out / CHECKPOINTS, config, strategy) if out and (every or resume) else None
+        self.every = every
+        self.log = MetricsLog(out if self.leader else None, append=resume)
+        self.evaluate = make_evaluator(setup.problem, setup.dataset)
+        self.rows = strategy.batch_rows(t.batch_size)
+        self.progress = Progress(
+            t.steps, t.progress if self.leader else "off", desc=f"{config.name} [{strategy.name}]"
+        )
+        self.fault = faults.after_step_check(distributed.process_index())  # None outside the fault tests
+        self.wall_start = time.perf_counter()
+        self.compile_seconds = 0.0
+        self.train_seconds = 0.0  # time spent in training calls, evaluation and logging excluded
+        self.window_seconds, self.window_steps = 0.0, 0  # since the last logged row
+        self.window: list[dict] = []  # host metrics since the last logged row
+        self.pending: list = []  # device metrics since the last sync
+        self.last_sync = start
+        self.bad_in_a_row, self.nonfinite_steps = 0, 0
+        self.row: dict[str, Any] = {}
+        self.first_batch = None
+
+    def start(self):
+        """The initial (or restored) state and the step, compiled ahead of time."""
+        strategy, s = self.setup.strategy, self.start_step
+        state = self.ckpt.restore(s) if self.resume else strategy.init(jax.random.key(self.setup.config.seed))
+        self.first_batch = strategy.shard_batch(self.setup.batches.stack(s, self.k, self.rows))
+        compile_start = time.perf_counter()
+        step_fn = strategy.step.lower(state, self.first_batch).compile()
+        self.compile_seconds = time.perf_counter() - compile_start
+        self.progress.advance(s)
+        self.chunk_start = time.perf_counter()  # since the last sync
+        return state, step_fn
+
+    def batch(self, call: int):
+        if call == self.start_step // self.k:
+            return self.first_batch
+        return self.setup.strategy.shard_batch(self.setup.batches.stack(call * self.k, self.k, self.rows))
+
+    def dispatched(self, call: int, metrics) -> int:
+        """Note a call in flight; returns the steps done once it completes."""
+        done = (call + 1) * self.k
+        self.window_steps += self.k
+        self.pending.append(metrics)
+        self.progress.advance(self.k)
+        if self.fault:
+            self.fault(done)
+        return done
+
+    def _log_now(self, done: int) -> bool:
+        t = self.t
+        return done == t.steps or bool(
+            t.log_every and (done // t.log_every) > ((done - self.k) // t.log_every)
+        )
+
+    def _eval_now(self, done: int) -> bool:
+        return done == self.t.steps or bool(self.t.eval_every and done % self.t.eval_every == 0)
+
+    def _save_now(self, done: int) -> bool:
+        return self.ckpt is not None and bool(self.every) and (done % self.every == 0 or done == self.t.steps)
+
+    def due(self, done: int) -> bool:
+        """Whether to block now: to log, evaluate or save, or because ``sync_every`` steps are queued."""
+        return (
+            self._log_now(done)
+            or self._eval_now(done)
+            or self._save_now(done)
+            or done - self.last_sync >= self.t.sync_every
+        )
+
+    def sync(self, done: int) -> np.ndarray:
+        """Block on the calls in flight (forced CPU devices deadlock with too many queued, and timings
+        need it anyway); returns the losses of the steps since the last sync."""
+        hosts = [to_host(m) for m in self.pending]
+        losses = np.concatenate([np.reshape(h["loss"], -1) for h in hosts])
+        elapsed = time.perf_counter() - self.chunk_start
+        self.train_seconds += elapsed
+        self.window_seconds += elapsed
+        self.window.extend(hosts)
+        self.pending = []
+        self.synced_from, self.last_sync = self.last_sync, done
+        return losses
+
+    def police_nonfinite(self, losses: np.ndarray) -> None:
+        """``train.nonfinite``: stop at a NaN/Inf loss, or count it as skipped (optax skipped the update)."""
+        t = self.t
+        for i, loss in enumerate(losses):
+            if np.isfinite(loss):
+                self.bad_in_a_row = 0
+                continue
+            self.nonfinite_steps += 1
+            self.bad_in_a_row += 1
+            if t.nonfinite == "stop" or self.bad_in_a_row > t.max_skipped:
+                _stop_nonfinite(self.synced_from + i + 1, float(loss), t, self.ckpt, self.out)
+
+    def save(self, done: int, state) -> None:
+        if not self._save_now(done):
+            return
+        # The losses were finite, but the last update may not have been: never save such a state.
+        if not bool(all_finite(state)):
+            _stop_nonfinite(done, float("nan"), self.t, self.ckpt, self.out, what="the parameters became")
+        self.ckpt.save(done, state)
+
+    def log_and_evaluate(self, done: int, state, losses: np.ndarray) -> None:
+        if self._log_now(done) or self._eval_now(done):
+            window = self.window
+            means = {
+                key: float(np.concatenate([np.reshape(m[key], -1) for m in window]).mean())
+                for key in window[-1]
+            }
+            row = {
+                "step": done,
+                "train_loss": float(losses[-1]),
+                "train_loss_mean": means.pop("loss"),
+                "samples_per_second": self.window_steps * self.t.batch_size / max(self.window_seconds, 1e-9),
+            }
+            # A strategy's own metrics (param_server: bytes_pushed, bytes_pulled), per step.
+            row.update({f"{key}_per_step": value for key, value in means.items()})
+            if self._eval_now(done):
+                row.update(self.evaluate(self.setup.strategy.gather(state).params))
+            self.log.write(row)
+            self.progress.log(row)
+            self.row = row
+            self.window_seconds, self.window_steps, self.window = 0.0, 0, []
+        self.chunk_start = time.perf_counter()
+
+    def close(self) -> None:
+        self.progress.close()
+        self.log.close()
+        if self.ckpt is not None:
+            self.ckpt.wait()  # the last checkpoint is complete on disk before the run returns or raises
+            self.ckpt.close()
+
+    def result(self, state) -> RunResult:
+        setup, t, row = self.setup, self.t, self.row
+        strategy, config, ds = setup.strategy, setup.config, setup.dataset
+        final = strategy.gather(state)
+        start = self.start_step
+        summary = {
+            "name": config.name,
+            "strategy": strategy.name,
+            "layout": strategy.layout,
+            "num_devices": strategy.num_devices,
+            "processes": jax.process_count(),
+            "data_parallel": strategy.data_parallel,
+            "mesh": dict(strategy.mesh.shape) if strategy.mesh is not None else {},
+            "model": describe(setup.problem.model, ds.num_features),
+            "num_params": int(sum(np.size(x) for x in jax.tree.leaves(final.params))),
+            "data": repr(ds),
+            "steps": t.steps,
+            "resumed_from_step": start if self.resume else None,
+            "batch_size": t.batch_size,
+            "steps_per_call": self.k,
+            "nonfinite_steps": self.nonfinite_steps,
+            "final_train_loss": row.get("train_loss"),
+            "eval_loss": row.get("eval_loss"),
+            "eval_accuracy": row.get("eval_accuracy"),
+            "samples_per_second": (t.steps - start) * t.batch_size / max(self.train_seconds, 1e-9),
+            "compile_seconds": self.compile_seconds,
+            "wall_seconds": time.perf_counter() - self.wall_start,
+            "backend": jax.default_backend(),
+            "jax_version": jax.__version__,
+        }
+        if self.out and self.leader:
+            write_json(self.out / "summary.json", summary)
+        return RunResult(config, summary, self.log.rows, final, self.out)
 
 
 @jax.jit

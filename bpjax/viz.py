@@ -1,46 +1,36 @@
-"""Pictures for the notebooks: where each layer lives, the pipeline schedule, loss curves.
+"""Pictures for the notebooks: where each layer lives, a strategy's schedule, loss curves.
 
-Everything a notebook draws comes from here, so that notebooks hold no logic. matplotlib is imported
-lazily (it is in the ``notebooks`` extra, not a core dependency).
+Everything a notebook draws comes from here, so that notebooks hold no logic. Nothing here knows a
+strategy: where each block lives is the strategy's declared placement, and a schedule its declared
+timeline. matplotlib is imported lazily (it is in the ``notebooks`` extra, not a core dependency).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
+from bpjax import strategies
 from bpjax.models.mlp import layer_name
-from bpjax.train import Setup
+
+if TYPE_CHECKING:
+    from bpjax.preflight import Setup
 
 
 def kernel_blocks(setup: Setup) -> dict[str, list[tuple[tuple[int, ...], tuple[int, int], tuple[int, int]]]]:
-    """Which devices hold which block of each layer's kernel.
+    """Which devices hold which block of each layer's kernel, from the strategy's declared placement.
 
     Returns ``{layer: [(device positions, (row0, row1), (col0, col1)), ...]}``, one entry per distinct
     block; positions index ``setup.strategy.devices``. Nothing is allocated (``jax.eval_shape``).
     """
     strategy, problem = setup.strategy, setup.problem
-    n_layers = len(problem.model.widths)
-    widths = [setup.dataset.num_features, *problem.model.widths]
-    full = lambda i: ((0, widths[i]), (0, widths[i + 1]))  # noqa: E731
-    everyone = tuple(range(strategy.num_devices))
-    if strategy.name == "pipeline":
-        from bpjax.strategies.pipeline import assign_stages
-
-        p = setup.config.parallel
-        stages = assign_stages(
-            [(widths[i], widths[i + 1]) for i in range(n_layers)], strategy.num_devices, p.stages
-        )
-        return {layer_name(i): [((s,), *full(i))] for s, layers in enumerate(stages) for i in layers}
-    if strategy.name in ("pmap", "single"):
-        return {layer_name(i): [(everyone, *full(i))] for i in range(n_layers)}
-    shapes = jax.eval_shape(strategy.init, jax.random.key(0)).params
+    params = strategies.placement(problem, strategy, setup.config.parallel)
     position = {d: k for k, d in enumerate(strategy.devices)}
     out = {}
-    for i in range(n_layers):
-        kernel = shapes[layer_name(i)]["kernel"]
+    for i in range(len(problem.model.widths)):
+        kernel = params[layer_name(i)]["kernel"]
         blocks: dict[tuple, list[int]] = defaultdict(list)
         for device, index in kernel.sharding.devices_indices_map(kernel.shape).items():
             rows, cols = (s.indices(n)[:2] for s, n in zip(index, kernel.shape, strict=True))
@@ -94,32 +84,39 @@ def plot_layouts(setups: dict[str, Setup], figsize_per_cell=(2.0, 1.6)):
     return fig
 
 
-def plot_schedule(num_stages: int, num_microbatches: int, ax=None):
-    """The GPipe forward schedule: which microbatch each stage runs at each tick (blank: bubble)."""
+def timeline(setup: Setup) -> np.ndarray | None:
+    """``[devices, ticks]``: what each device runs at each tick of the strategy's schedule (-1: idle),
+    or None for strategies without one (every device works on every step)."""
+    d = strategies.get(setup.strategy.name)
+    return None if d.timeline is None else d.timeline(setup.config.parallel, setup.strategy.num_devices)
+
+
+def plot_timeline(setup: Setup, ax=None):
+    """The strategy's schedule: which microbatch each device runs at each tick (blank: idle)."""
     import matplotlib.pyplot as plt
 
-    from bpjax.strategies.pipeline import bubble_fraction, schedule
-
-    grid = schedule(num_stages, num_microbatches)
+    grid = timeline(setup)
+    if grid is None:
+        raise ValueError(f"{setup.strategy.name} follows no schedule of ticks; nothing to draw")
+    rows = grid.shape[0]
     if ax is None:
-        _, ax = plt.subplots(figsize=(0.6 * grid.shape[1] + 1.5, 0.5 * num_stages + 1))
+        _, ax = plt.subplots(figsize=(0.6 * grid.shape[1] + 1.5, 0.5 * rows + 1))
     cmap = plt.get_cmap("tab10")
-    for s in range(num_stages):
+    for s in range(rows):
         for t, m in enumerate(grid[s]):
             if m >= 0:
                 ax.add_patch(plt.Rectangle((t, s), 1, 1, facecolor=cmap(m % 10), edgecolor="k"))
                 ax.text(t + 0.5, s + 0.5, f"m{m}", ha="center", va="center", fontsize=8)
     ax.set(
         xlim=(0, grid.shape[1]),
-        ylim=(num_stages, 0),
-        xlabel="tick (forward)",
-        ylabel="stage",
-        yticks=np.arange(num_stages) + 0.5,
-        yticklabels=[str(s) for s in range(num_stages)],
+        ylim=(rows, 0),
+        xlabel="tick",
+        ylabel="device",
+        yticks=np.arange(rows) + 0.5,
+        yticklabels=[str(s) for s in range(rows)],
     )
     ax.set_title(
-        f"GPipe, S={num_stages} stages, M={num_microbatches} microbatches: bubble "
-        f"{bubble_fraction(num_stages, num_microbatches):.2f} = (S-1)/(M+S-1)",
+        f"{setup.strategy.name}: {rows} devices, {grid.shape[1]} ticks, idle {np.mean(grid < 0):.2f} of them",
         fontsize=9,
     )
     return ax

@@ -81,7 +81,7 @@ plt.show()
 # check these predictions against the compiled program (`bpjax plan --compiled`).
 
 # %%
-plans = {name: bpjax.make_plan(configs[name], setups[name]) for name in STRATEGIES}
+plans = {name: bpjax.make_plan(setups[name]) for name in STRATEGIES}
 for name in STRATEGIES[1:]:
     print(plans[name].table(), end="\n\n")
 
@@ -124,8 +124,11 @@ for name, result in results.items():
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 2.6))
-viz.plot_schedule(3, 4, ax=axes[0])  # mnist1d_pipeline.py: S=3, M=4
-viz.plot_schedule(3, 12, ax=axes[1])  # more microbatches, smaller bubble
+viz.plot_timeline(setups["pipeline"], ax=axes[0])  # mnist1d_pipeline.py: S=3, M=4
+more = bpjax.load_config(
+    ROOT / "experiments" / "mnist1d_pipeline.py", [*OVERRIDES, "parallel.microbatches=16"]
+)
+viz.plot_timeline(bpjax.prepare(more), ax=axes[1])  # more microbatches, smaller bubble
 fig.tight_layout()
 plt.show()
 

@@ -81,11 +81,11 @@ CASES = {
     "no equals sign": (sets("train.steps"), "--set takes key=value, got 'train.steps'"),
     "negative width": (
         sets("model.hidden=(100,-5)"),
-        "model.hidden[1]=-5: layer widths must be positive",
+        "model.hidden[1]=-5 must be >= 1 (layer widths)",
     ),
     "negative lr": (
         sets("optimizer.learning_rate=-0.1"),
-        "optimizer.learning_rate=-0.1 must be a positive",
+        "optimizer.learning_rate=-0.1 must be > 0",
     ),
     "unknown choice": (sets("train.nonfinite=ignore"), "train.nonfinite='ignore' is not known"),
     "steps per call": (sets("train.steps_per_call=7"), "train.steps=3000 is not a multiple of"),
@@ -201,7 +201,7 @@ CASES = {
     "no processes": ("launch --processes 0 EXP", "--processes 0 must be >= 1"),
     "one-process strategy": (
         "launch --processes 2 EXP --set parallel.strategy=pipeline --set parallel.mesh.stage=2",
-        "pipeline (partition=sample) runs in one process only",
+        "pipeline runs in one process only; across processes use pmap, dp (partition=sample), fsdp",
     ),
     "half a cluster env": (
         "env JAX_COORDINATOR_ADDRESS=127.0.0.1:1",

@@ -74,10 +74,19 @@ def test_bad_overrides_name_the_fix(override, message):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.hidden=(64, 0)", "model.hidden[1]=0: layer widths must be positive integers"),
-        ("model.hidden=(64, 'a')", "layer widths must be positive integers"),
-        ("optimizer.learning_rate=-1.0", "optimizer.learning_rate=-1.0 must be a positive finite number"),
-        ("optimizer.learning_rate=0.0", "must be a positive finite number"),
+        ("model.hidden=(64, 0)", "model.hidden[1]=0 must be >= 1 (layer widths)"),
+        ("model.hidden=(64, 'a')", "model.hidden[1]='a' must be a whole number (layer widths)"),
+        ("optimizer.learning_rate=-1.0", "optimizer.learning_rate=-1.0 must be > 0"),
+        ("optimizer.learning_rate=0.0", "optimizer.learning_rate=0.0 must be > 0"),
+        ("optimizer.learning_rate=1e999", "optimizer.learning_rate=inf must be a finite number"),
+        ("optimizer.b2=1.0", "optimizer.b2=1.0 must be in [0, 1)"),
+        ("data.test_fraction=1.0", "data.test_fraction=1.0 must be in (0, 1)"),
+        ("seed=-1", "seed=-1 must be in [0, 2147483647]"),
+        ("parallel.staleness=-2", "parallel.staleness=-2 must be >= 0 (0 is synchronous dp)"),
+        (
+            "parallel.partition=features",
+            "parallel.partition='features' is not known; did you mean 'feature'?",
+        ),
         ("optimizer.name=adamm", "optimizer.name='adamm' is not known; did you mean 'adam'?"),
         ("model.activation=relu6", "did you mean 'relu'?"),
         ("data.name=mnist", "did you mean 'mnist1d'?"),

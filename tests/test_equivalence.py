@@ -20,66 +20,16 @@ from bpjax.testing import assert_trees_close, train_steps
 STEPS = 6
 RTOL, ATOL = 1e-5, 1e-6  # ATOL is relative to each leaf's largest entry (a few float32 ulps of it)
 
-# Settings per strategy: mesh axis sizes, plus other ``parallel`` options (OPTIONS) where a strategy
-# has them. Every strategy lists its degenerate setting too (a mesh of size 1). A strategy added to
-# the registry without an entry here fails test_every_strategy_has_mesh_settings.
-OPTIONS = (
-    "hybrid_data",
-    "microbatches",
-    "stages",
-    "replicate",
-    "partition",
-    "local_steps",
-    "staleness",
-    "n_push",
-    "n_fetch",
-)
-MESHES = {
-    "single": [{}],
-    "pmap": [{"data": 8}, {"data": 4}, {"data": 1}],
-    "dp": [
-        {"data": 8},
-        {"data": 4},
-        {"data": 1},
-        {"feature": 8, "partition": "feature"},
-        {"data": 2, "feature": 4, "partition": "hybrid"},
-        {"feature": 1, "partition": "feature"},
-    ],
-    "fsdp": [{"data": 8}, {"data": 4}, {"data": 1}],
-    "tensor": [{"model": 8}, {"model": 4}, {"model": 8, "replicate": ("layer_1",)}, {"model": 1}],
-    "hybrid": [
-        {"data": 2, "model": 4},
-        {"data": 4, "model": 2},
-        {"data": 2, "model": 4, "hybrid_data": "fsdp"},
-        {"data": 4, "model": 2, "hybrid_data": "fsdp"},
-        {"data": 1, "model": 1},
-    ],
-    "pipeline": [
-        {"stage": 4, "microbatches": 4},
-        {"stage": 4},
-        {"stage": 2, "microbatches": 4},
-        {"stage": 2},
-        {"stage": 1},
-    ],
-    # H=1: local SGD averages after every step, which is synchronous dp for a linear optimizer.
-    "local_sgd": [
-        {"data": 8, "local_steps": 1},
-        {"data": 4, "local_steps": 1},
-        {"data": 1, "local_steps": 1},
-    ],
-}
-MESHES["async"] = [{"data": 8, "staleness": 0}, {"data": 4, "staleness": 0}, {"data": 1, "staleness": 0}]
-MESHES["param_server"] = [{"data": 8, "n_push": 1, "n_fetch": 1}, {"data": 4}, {"data": 1}]
-# Optimizers per strategy, where not every one applies (local_sgd refuses non-linear updates).
-OPTIMIZERS = {"local_sgd": ("momentum",)}
-FIRST_OPTIMIZER = {name: opts[0] for name, opts in OPTIMIZERS.items()}
-# Adam on every setting; SGD with momentum (a different optimizer state) on each strategy's first one.
+# Every strategy's settings come from its own declaration (`Definition.examples`): mesh sizes, its own
+# settings, and the optimizers for which it is exact. A strategy registered without examples fails
+# test_every_strategy_declares_examples. Adam on every example; every optimizer on the first.
 CASES = [
-    (name, mesh, optimizer)
-    for name in sorted(strategies.REGISTRY)
-    for i, mesh in enumerate(MESHES.get(name, []))
-    for optimizer in OPTIMIZERS.get(name, ("adam", "momentum"))[: None if i == 0 else 1]
+    (name, i, optimizer)
+    for name, d in sorted(strategies.REGISTRY.items())
+    for i, example in enumerate(d.examples)
+    for optimizer in example.optimizers[: None if i == 0 else 1]
 ]
+FIRST_OPTIMIZER = {name: d.examples[0].optimizers[0] for name, d in strategies.REGISTRY.items()}
 
 
 def make_config(optimizer="adam", **parallel):
@@ -105,13 +55,11 @@ def dataset():
     return data.load(make_config().data, seed=0)
 
 
-def setup(dataset, optimizer="adam", settings=None):
+def setup(dataset, optimizer="adam", mesh=None, settings=None):
     c = make_config(optimizer)
-    settings = dict(settings or {"data": 1})
-    for key in OPTIONS:
-        if key in settings:
-            c.parallel[key] = settings.pop(key)
-    c.parallel.mesh = settings
+    for key, value in (settings or {}).items():
+        c.parallel[key] = value
+    c.parallel.mesh = dict(mesh or {"data": 1})
     problem = make_problem(c, dataset.num_features, dataset.num_outputs)
     return c, problem, data.Batches(dataset.x_train, dataset.y_train, c.train.batch_size, c.seed)
 
@@ -125,17 +73,30 @@ def references(dataset):
     return out
 
 
-def test_every_strategy_has_mesh_settings():
-    missing = sorted(set(strategies.REGISTRY) - set(MESHES))
-    assert not missing, f"add mesh settings (with a degenerate one) for {missing} to MESHES"
+def test_every_strategy_declares_examples():
+    for name, d in strategies.REGISTRY.items():
+        assert d.examples, f"{name} declares no examples (settings under which it equals single)"
+        sizes = [int(np.prod(list(e.mesh.values()) or [1])) for e in d.examples]
+        assert 1 in sizes, f"{name} declares no degenerate example (a mesh of size 1)"
 
 
-@pytest.mark.parametrize(("name", "mesh", "optimizer"), CASES, ids=[f"{n}-{m}-{o}" for n, m, o in CASES])
-def test_matches_single_device(name, mesh, optimizer, dataset, references):
-    c, problem, batches = setup(dataset, optimizer, mesh)
+def test_make_takes_exactly_the_declared_settings():
+    strategies.check_make_signatures()
+
+
+def _example(name, i):
+    e = strategies.REGISTRY[name].examples[i]
+    return f"{name}-{dict(e.mesh)}-{dict(e.settings)}"
+
+
+@pytest.mark.parametrize(
+    ("name", "i", "optimizer"), CASES, ids=[f"{_example(n, i)}-{o}" for n, i, o in CASES]
+)
+def test_matches_single_device(name, i, optimizer, dataset, references):
+    example = strategies.REGISTRY[name].examples[i]
+    c, problem, batches = setup(dataset, optimizer, example.mesh, example.settings)
     strategy = strategies.make(name, problem, c.parallel)
-    sizes = [v for k, v in mesh.items() if k not in OPTIONS]
-    assert strategy.num_devices == int(np.prod(sizes))
+    assert strategy.num_devices == int(np.prod(list(example.mesh.values()) or [1]))
     init, final, losses = train_steps(strategy, batches, STEPS)
     ref_init, ref_final, ref_losses = references[optimizer]
     assert_trees_close(init, ref_init, rtol=0, atol=0, what=f"{name} init")
@@ -148,7 +109,8 @@ def test_matches_single_device(name, mesh, optimizer, dataset, references):
 @pytest.mark.parametrize("name", sorted(strategies.REGISTRY))
 def test_fused_steps_match_single_steps(name, dataset):
     """K steps per call (lax.scan) give the per-step results; K=1 is per-step training by construction."""
-    c, problem, batches = setup(dataset, OPTIMIZERS.get(name, ("adam",))[0], MESHES[name][0])
+    example = strategies.REGISTRY[name].examples[0]
+    c, problem, batches = setup(dataset, example.optimizers[0], example.mesh, example.settings)
     strategy = strategies.make(name, problem, c.parallel)
     _, per_step, per_step_losses = train_steps(strategy, batches, STEPS, k=1)
     _, fused, fused_losses = train_steps(strategy, batches, STEPS, k=3)
@@ -204,17 +166,15 @@ def test_equivalence_check_catches_a_wrong_gradient_reduction(dataset, reference
 @pytest.mark.parametrize(
     ("name", "settings"),
     [
-        ("dp", {"data": 8}),
-        ("async", {"data": 8, "staleness": 3}),
-        ("param_server", {"data": 8, "n_push": 2, "n_fetch": 3}),
-        ("local_sgd", {"data": 8, "local_steps": 3}),
+        ("dp", {}),
+        ("async", {"staleness": 3, "random_staleness": True}),
+        ("param_server", {"n_push": 2, "n_fetch": 3}),
+        ("local_sgd", {"local_steps": 3}),
     ],
 )
 def test_runs_are_bit_identical(dataset, name, settings):
     """Simulated asynchrony included: the same seed and settings give the same bits."""
-    c, problem, batches = setup(dataset, FIRST_OPTIMIZER.get(name, "adam"), settings)
-    if name == "async":
-        c.parallel.random_staleness = True
+    c, problem, batches = setup(dataset, FIRST_OPTIMIZER[name], {"data": 8}, settings)
     a = train_steps(strategies.make(name, problem, c.parallel), batches, STEPS)
     b = train_steps(strategies.make(name, problem, c.parallel), batches, STEPS)
     assert_trees_close(a, b, rtol=0, atol=0, what=f"two {name} runs")

@@ -58,12 +58,19 @@ def test_wide_synthetic_does_not_fit_under_dp():
     """The wide experiment's point: dp's memory plan exceeds the per-device budget; tensor's fits."""
     from bpjax.errors import UserError
     from bpjax.plan import check_memory_budget, make_plan, per_device_bytes
+    from bpjax.preflight import prepare
 
     path = EXPERIMENTS[0].with_name("wide_synthetic.py")
     budget = cfg_lib.load(path).parallel.memory_budget_mb
     for name, fits in (("dp", False), ("pmap", False), ("tensor", True), ("fsdp", True)):
-        plan = make_plan(cfg_lib.load(path, [f"parallel.strategy={name}"]))
+        plan = make_plan(
+            prepare(cfg_lib.load(path, [f"parallel.strategy={name}", "parallel.memory_budget_mb=0"]))
+        )
         assert (per_device_bytes(plan) <= budget * 2**20) == fits, name
         if not fits:
             with pytest.raises(UserError, match=f"{name} needs .* MiB per device"):
                 check_memory_budget(plan, budget)
+            with pytest.raises(
+                UserError, match=f"{name} needs .* MiB per device"
+            ):  # before anything is built
+                prepare(cfg_lib.load(path, [f"parallel.strategy={name}"]))

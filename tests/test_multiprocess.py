@@ -15,8 +15,9 @@ import pytest
 from bpjax import config as cfg_lib
 from bpjax.checkpoint import restore_latest
 from bpjax.metrics import read_jsonl
+from bpjax.preflight import prepare
 from bpjax.testing import assert_trees_close
-from bpjax.train import prepare, run
+from bpjax.train import run
 
 SETTINGS = [
     "train.steps=24",

@@ -28,9 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
-from bpjax.errors import UserError
+from bpjax.schema import Bool, Int
 from bpjax.step import Problem, TrainState
-from bpjax.strategies.base import Strategy, over_data
+from bpjax.strategies.base import (
+    Cost,
+    CostInput,
+    Definition,
+    Example,
+    Strategy,
+    data_allreduce,
+    over_data,
+    replicated_placement,
+)
 
 AXIS = "data"
 
@@ -50,12 +59,9 @@ def delays(step: jax.Array, worker: jax.Array, staleness: int, random: bool, see
     return jax.random.randint(key, (), 0, staleness + 1, dtype=jnp.int32)
 
 
-def make(problem: Problem, parallel) -> Strategy:
-    s = int(parallel.get("staleness", 0))
-    random = bool(parallel.get("random_staleness", False))
-    if s < 0:
-        raise UserError(f"parallel.staleness={s} must be >= 0 (0 is synchronous dp)")
-    mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "async"))
+def make(problem: Problem, mesh: dict, *, staleness: int, random_staleness: bool) -> Strategy:
+    s, random = staleness, random_staleness
+    mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "async"))
     slots = s + 1
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
@@ -85,9 +91,8 @@ def make(problem: Problem, parallel) -> Strategy:
         history = jax.tree.map(lambda h, p: h.at[new.step % slots].set(p), state.history, new.params)
         return AsyncState(new, history), {"loss": loss}
 
-    def gather(tree):
-        tree = jax.tree.map(np.asarray, jax.device_get(tree))
-        return tree.train if isinstance(tree, AsyncState) else tree
+    def gather(state: AsyncState) -> TrainState:
+        return jax.tree.map(np.asarray, jax.device_get(state.train))
 
     kind = f"uniform in [0, {s}]" if random and s else f"{s}"
     return over_data(
@@ -99,3 +104,37 @@ def make(problem: Problem, parallel) -> Strategy:
         step=step,
         gather=gather,
     )
+
+
+def cost(inp: CostInput) -> Cost:
+    s = inp.settings.staleness
+    notes = [
+        f"async keeps {s + 1} versions of the parameters on every device (see state as stored); the "
+        "gradients are all-reduced every step, as in dp"
+    ]
+    return Cost(data_allreduce(inp), notes if s else [])
+
+
+DEFINITION = Definition(
+    name="async",
+    summary="asynchronous SGD with stale gradients (fixed or random delay), simulated deterministically",
+    layout="In[B_data, D] · W_(t-tau)[D, F]; W and tau+1 versions replicated",
+    make=make,
+    axes=(AXIS,),
+    settings={
+        "staleness": Int(
+            0,
+            "gradient delay tau (or its bound s with random_staleness)",
+            min=0,
+            note="0 is synchronous dp",
+        ),
+        "random_staleness": Bool(False, "draw tau per step and worker uniformly from [0, staleness]"),
+    },
+    cost=cost,
+    placement=replicated_placement,
+    examples=(
+        Example({"data": 8}, {"staleness": 0}),
+        Example({"data": 4}, {"staleness": 0}),
+        Example({"data": 1}, {"staleness": 0}),
+    ),
+)

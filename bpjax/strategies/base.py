@@ -1,20 +1,25 @@
-"""The Strategy interface: how one training step is laid out over devices.
+"""The Strategy interface, and the declaration through which a strategy owns everything it knows.
 
-A strategy is a small bundle of pure functions closed over its devices. The train loop, the tests and the
-notebooks use nothing else, so a new strategy is a new file plus one registry line.
+A strategy is one module. It ends with a `Definition`, its one declaration: its settings (defaults,
+types, ranges), its mesh axes, its layout line, its capabilities, its cost model for ``bpjax plan``, where
+it places each parameter (for ``plan`` and ``viz``), and the settings under which it equals ``single``.
+Its ``make`` builds a `Strategy`: a small bundle of pure functions closed over its devices. The train
+loop, ``plan``, ``viz``, the config and the tests read these two things and never name a strategy.
 
-Contract (checked for every registered strategy by ``tests/test_equivalence.py``):
+Contract of a built `Strategy` (checked for every registered strategy by ``tests/test_equivalence.py``):
   init(key)                   -> the strategy's state (a TrainState, or a pytree holding one plus
                                  extras such as async's parameter history), already placed on its
-                                 devices; ``gather`` of it equals ``Problem.init(key)`` on one device
+                                 devices; ``gather`` of it equals ``Problem.init(key)`` on one device.
+                                 A ``jax.jit`` with ``out_shardings``, so ``jax.eval_shape`` of it
+                                 shows every leaf's layout
   shard_batch(batch)          -> device batch. ``batch`` is a host dict of global arrays stacked over K
                                  steps: ``{"x": [K, B, D], "y": [K, B] or [K, B, T]}``
   step(state, device_batch)   -> (state, metrics): a ``jax.jit`` or ``jax.pmap`` function (the loop
                                  compiles it ahead of time with ``.lower().compile()``); runs K
-                                 training steps; donates the input state; ``metrics`` leaves have a
-                                 leading axis of K (after ``gather``)
-  gather(tree)                -> host numpy arrays in the reference (one-device) layout: a state gives
-                                 a TrainState shaped like ``Problem.init``'s; a metrics dict, itself
+                                 training steps; donates the input state; ``metrics`` is a dict of
+                                 replicated ``[K]`` arrays (read with `to_host`)
+  gather(state)               -> host numpy arrays in the reference (one-device) layout: a TrainState
+                                 shaped like ``Problem.init``'s
   batch_rows(batch_size)      -> the rows of each global batch this process's devices hold (all of them
                                  in a single-process run); ``shard_batch`` then takes just those rows
   checkpointing               -> how the state goes into a checkpoint and comes back (`Checkpointing`)
@@ -26,33 +31,181 @@ builds global arrays from process-local rows, and ``gather`` all-gathers across 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from bpjax.step import Batch, Metrics, TrainState, fuse_steps
+from bpjax.schema import Setting
+from bpjax.step import Batch, Metrics, Problem, TrainState, fuse_steps
+
+# ------------------------------------------------------------------------------------- the contract
 
 
 class Checkpointing(NamedTuple):
     """How a strategy's state is saved and restored (`bpjax.checkpoint`).
 
-    ``portable``: the saved tree is a TrainState in the reference structure (``Problem.init``'s), with
-    global arrays in this strategy's layout; any portable strategy restores it into its own layout
-    (orbax reshards on load). Other strategies' states (async's history, the parameter server's cache)
-    restore only under the same strategy and mesh.
+    A strategy whose `Definition` says ``portable_checkpoints`` saves a TrainState in the reference
+    structure (``Problem.init``'s), with global arrays in its own layout; any portable strategy restores
+    it into its own layout (orbax reshards on load). Other strategies' states (async's history, the
+    parameter server's cache) restore only under the same strategy and mesh.
     """
 
-    portable: bool
     target: Callable[[], Any]  # the saved tree's abstract shape, with the shardings to restore into
     save: Callable[[Any], Any] = lambda state: state  # state -> saved tree (no copies)
     load: Callable[[Any], Any] = lambda tree: tree  # restored tree -> state
 
 
-def all_rows(batch_size: int) -> slice:
-    return slice(None)
+class Strategy(NamedTuple):
+    """How one training step is laid out over devices. Pure functions closed over a mesh."""
+
+    name: str
+    layout: str  # one line of sharded-shape notation with this instance's settings filled in
+    devices: tuple[jax.Device, ...]
+    data_parallel: int  # how many ways each global batch is split; batch_size must divide by it
+    init: Callable[[jax.Array], Any]
+    shard_batch: Callable[[Batch], Batch]
+    step: Callable[[Any, Batch], tuple[Any, Metrics]]
+    gather: Callable[[Any], TrainState]
+    checkpointing: Checkpointing
+    mesh: jax.sharding.Mesh | None = None
+    batch_rows: Callable[[int], slice] = lambda batch_size: slice(None)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+
+# ---------------------------------------------------------------------------------- the declaration
+
+
+class Example(NamedTuple):
+    """Settings under which a strategy reproduces ``single`` (the equivalence and plan tests run them).
+
+    ``mesh``: axis sizes on the suite's 8 devices; ``settings``: the strategy's own settings;
+    ``optimizers``: those for which it is exact (local SGD needs an update linear in the gradient).
+    """
+
+    mesh: Mapping[str, int]
+    settings: Mapping[str, Any] = {}
+    optimizers: tuple[str, ...] = ("adam", "momentum")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective a training step needs, as `bpjax.plan` reports it (bytes per device)."""
+
+    kind: str  # all-reduce, all-gather, reduce-scatter, collective-permute
+    axis: str  # the mesh axis it runs over
+    group: int  # devices per group
+    array_bytes: int  # per occurrence
+    where: str  # e.g. "layer_1 forward", "gradients"
+    count: int = 1  # occurrences per step (pipeline: once per tick of a loop the HLO lists once)
+    every: int = 1  # runs on one step in this many (local_sgd's averaging, param_server's push/fetch)
+
+    @property
+    def wire_bytes(self) -> float:
+        """What one device sends in a ring implementation: 2(g-1)/g of the array for an all-reduce,
+        (g-1)/g for an all-gather or reduce-scatter, all of it for a permute."""
+        g = self.group
+        factor = {"all-reduce": 2 * (g - 1) / g, "collective-permute": 1.0}.get(self.kind, (g - 1) / g)
+        return self.array_bytes * factor * self.count
+
+
+class Cost(NamedTuple):
+    """A strategy's answer to ``bpjax plan``: the collectives of one step and notes on what it leaves out."""
+
+    collectives: list[Collective]
+    notes: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CostInput:
+    """What a cost model reads: the built strategy, its settings, and the reference parameters and
+    optimizer state as ``ShapeDtypeStruct``s carrying the strategy's placement (`Definition.placement`)."""
+
+    problem: Problem
+    strategy: Strategy
+    settings: Mapping[str, Any]  # the ``parallel`` config section
+    params: Any
+    opt_state: Any
+    batch_size: int
+    widths: tuple[int, ...]  # (input features, width of layer 0, ..., outputs)
+
+    @property
+    def mesh(self) -> dict[str, int]:
+        return dict(self.strategy.mesh.shape) if self.strategy.mesh is not None else {}
+
+    @property
+    def b_local(self) -> int:
+        return self.batch_size // self.strategy.data_parallel
+
+    @property
+    def act_itemsize(self) -> int:
+        return np.dtype(self.problem.model.dtype).itemsize
+
+
+def local_bytes(struct) -> int:
+    """Bytes of one device's block of an abstract array (all of it when it carries no sharding)."""
+    sharding = getattr(struct, "sharding", None)
+    shape = sharding.shard_shape(struct.shape) if sharding is not None else struct.shape
+    return math.prod(shape) * np.dtype(struct.dtype).itemsize
+
+
+def no_collectives(inp: CostInput) -> Cost:
+    return Cost([])
+
+
+def init_placement(problem: Problem, strategy: Strategy, settings) -> Any:
+    """Where the parameters of a state in the reference structure live: read from ``init``'s layout."""
+    return jax.tree.map(lambda s: s.sharding, jax.eval_shape(strategy.init, jax.random.key(0)).params)
+
+
+def replicated_placement(problem: Problem, strategy: Strategy, settings) -> Any:
+    """Every parameter whole on every device of the strategy (data parallelism, workers' copies)."""
+    replicated = jax.sharding.NamedSharding(strategy.mesh, jax.P())
+    return jax.tree.map(lambda _: replicated, jax.eval_shape(problem.init, jax.random.key(0)).params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Definition:
+    """Everything about one strategy that the rest of bpjax may know. The registry lists these.
+
+    ``make(problem, mesh, **settings)`` builds the strategy: ``mesh`` is the ``parallel.mesh`` dict, and
+    its keyword arguments are exactly the keys of ``settings`` (checked by the tests), already validated.
+    """
+
+    name: str
+    summary: str  # one line: what it is, for tables and messages
+    layout: str  # sharded-shape notation, e.g. "In[B_data, D] · W[D, F_data]"
+    make: Callable[..., Strategy]
+    axes: tuple[str, ...] = ()  # the mesh axes it may lay out over
+    settings: Mapping[str, Setting] = dataclasses.field(default_factory=dict)
+    cost: Callable[[CostInput], Cost] = no_collectives
+    # (problem, strategy, settings) -> a params-shaped tree of jax Shardings over strategy.devices
+    placement: Callable[[Problem, Strategy, Any], Any] = init_placement
+    examples: tuple[Example, ...] = ()  # settings under which it equals ``single`` (first: the main one)
+    # Capabilities: runs across processes (for these settings), saves portable checkpoints, shards the
+    # model's parameters (so it is a fix for a memory budget).
+    multi_process: bool | Callable[[Any], bool] = False  # or a function of the ``parallel`` section
+    multi_process_when: str = (
+        ""  # the settings that make it multi-process, for messages, e.g. "partition=sample"
+    )
+    portable_checkpoints: bool = False
+    shards_parameters: bool = False
+    # Checks that read other config sections (e.g. the batch size against microbatches), made before
+    # anything is built; own settings are validated from ``settings``.
+    check: Callable[[Any], None] = lambda config: None
+    # (settings, number of devices) -> [devices, ticks] grid of what each device runs at each tick
+    # (-1: idle), for strategies that follow a schedule (viz draws it).
+    timeline: Callable[[Any, int], np.ndarray] | None = None
+
+
+# -------------------------------------------------------------------------------- shared machinery
 
 
 def rows_held(sharding: jax.sharding.Sharding, batch_size: int) -> slice:
@@ -82,7 +235,8 @@ def place_batch(batch: Batch, shardings) -> Batch:
 
 
 def to_host(tree: Any) -> Any:
-    """Numpy copies of a tree of global arrays, on every process.
+    """Numpy copies of a tree of global arrays, on every process: the one host transfer for metrics and
+    for states in the reference structure.
 
     Across processes, a replicated array (the metrics, dp's parameters) is read from a local copy; only
     sharded ones are all-gathered, which is a collective every process must join.
@@ -98,34 +252,9 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def jit_checkpointing(init: Callable, portable: bool) -> Checkpointing:
+def jit_checkpointing(init: Callable) -> Checkpointing:
     """Checkpointing for a state that ``init`` (a jit with ``out_shardings``) lays out: saved as it is."""
-    return Checkpointing(portable, lambda: jax.eval_shape(init, jax.random.key(0)))
-
-
-class Strategy(NamedTuple):
-    """How one training step is laid out over devices. Pure functions closed over a mesh."""
-
-    name: str
-    layout: str  # one line of sharded-shape notation, e.g. "In[B_data, D] . W[D, F]"
-    devices: tuple[jax.Device, ...]
-    data_parallel: int  # how many ways each global batch is split; batch_size must divide by it
-    init: Callable[[jax.Array], TrainState]
-    shard_batch: Callable[[Batch], Batch]
-    step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
-    gather: Callable[[Any], Any]
-    mesh: jax.sharding.Mesh | None = None
-    microbatches: int = 1  # pipeline: each global batch is also split into this many microbatches
-    batch_rows: Callable[[int], slice] = all_rows
-    checkpointing: Checkpointing | None = None  # None: saved as it is, restored under this strategy only
-    multi_process: bool = False  # tested across processes (pmap and the rule-based strategies)
-
-    @property
-    def num_devices(self) -> int:
-        return len(self.devices)
-
-    def checkpoint_codec(self) -> Checkpointing:
-        return self.checkpointing or jit_checkpointing(self.init, portable=False)
+    return Checkpointing(lambda: jax.eval_shape(init, jax.random.key(0)))
 
 
 def over_data(
@@ -141,7 +270,7 @@ def over_data(
 ) -> Strategy:
     """A strategy whose batch is split over ``axis`` and whose state has ``state_sharding``: ``init``
     jitted into that layout, ``step`` fused over K steps, jitted, its state donated (the assembly the
-    simulated schemes share: async, param_server, local_sgd)."""
+    simulated schemes share: async, param_server, local_sgd, diloco)."""
     batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, axis))
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
     init = jax.jit(init, out_shardings=state_sharding)
@@ -154,5 +283,30 @@ def over_data(
         shard_batch=lambda batch: place_batch(batch, batch_sh),
         step=jax.jit(fuse_steps(step), out_shardings=(state_sharding, replicated), donate_argnums=0),
         gather=gather,
+        checkpointing=jit_checkpointing(init),
         mesh=mesh,
     )
+
+
+def data_allreduce(
+    inp: CostInput, where: str = "gradients and loss (one fused all-reduce)"
+) -> list[Collective]:
+    """Data parallelism's one collective: every gradient and the loss, all-reduced over ``data``."""
+    data = inp.mesh.get("data", 1)
+    if data == 1:
+        return []
+    total = sum(local_bytes(p) for p in jax.tree.leaves(inp.params))
+    return [Collective("all-reduce", "data", data, total + 4, where)]
+
+
+def split_over_data(params, data: int, gathered: bool = True) -> tuple[int, int]:
+    """``(full bytes of the parameters stored split over data, bytes of the others)`` per device
+    (within its model group). With ``gathered=False`` every parameter counts as unsplit."""
+    split = whole = 0
+    for leaf in jax.tree.leaves(params):
+        local = local_bytes(leaf)
+        if gathered and "data" in tuple(getattr(leaf.sharding, "spec", ())):
+            split += local * data
+        else:
+            whole += local
+    return split, whole

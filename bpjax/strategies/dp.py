@@ -12,11 +12,11 @@ parallelism):
 
 from __future__ import annotations
 
-from bpjax.errors import UserError
+from bpjax.schema import Choice
 from bpjax.step import Problem
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Definition, Example, Strategy
 from bpjax.strategies.rules import DATA_PARALLEL, FEATURE, SAMPLE_FEATURE
-from bpjax.strategies.sharded import rule_based
+from bpjax.strategies.sharded import rule_based, rule_cost
 
 PARTITIONS = {
     "sample": (
@@ -37,9 +37,33 @@ PARTITIONS = {
 }
 
 
-def make(problem: Problem, parallel) -> Strategy:
-    partition = parallel.get("partition", "sample")
-    if partition not in PARTITIONS:
-        raise UserError(f"parallel.partition={partition!r} is not known; choose sample, feature or hybrid")
+def make(problem: Problem, mesh: dict, *, partition: str) -> Strategy:
     rules, axes, layout = PARTITIONS[partition]
-    return rule_based("dp", layout, problem, parallel, rules, axes=axes, strict=("feature",))
+    return rule_based("dp", layout, problem, mesh, rules, axes=axes, strict=("feature",))
+
+
+DEFINITION = Definition(
+    name="dp",
+    summary="data parallelism with jax.jit over a mesh; the data cut by samples, features or both",
+    layout=PARTITIONS["sample"][2],
+    make=make,
+    axes=("data", "feature"),
+    settings={
+        "partition": Choice(
+            "sample", tuple(PARTITIONS), "cut the data by samples, by input features, or both (hybrid)"
+        ),
+    },
+    cost=rule_cost,
+    examples=(
+        Example({"data": 8}),
+        Example({"data": 4}),
+        Example({"data": 1}),
+        Example({"feature": 8}, {"partition": "feature"}),
+        Example({"data": 2, "feature": 4}, {"partition": "hybrid"}),
+        Example({"feature": 1}, {"partition": "feature"}),
+    ),
+    # Processes load whole rows of each batch; a batch cut by features is not.
+    multi_process=lambda settings: settings.partition == "sample",
+    multi_process_when="partition=sample",
+    portable_checkpoints=True,
+)

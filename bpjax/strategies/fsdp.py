@@ -13,18 +13,26 @@ sends (N-1)/N of the gradients, against dp's all-reduce of every gradient, while
 from __future__ import annotations
 
 from bpjax.step import Problem
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Definition, Example, Strategy
 from bpjax.strategies.rules import FSDP
-from bpjax.strategies.sharded import rule_based
+from bpjax.strategies.sharded import rule_based, rule_cost
+
+LAYOUT = "In[B_data, D] · W[D, F_data] (gathered for use) -> Out[B_data, O]; optimizer state like W"
 
 
-def make(problem: Problem, parallel) -> Strategy:
-    return rule_based(
-        "fsdp",
-        "In[B_data, D] · W[D, F_data] (gathered for use) -> Out[B_data, O]; optimizer state like W",
-        problem,
-        parallel,
-        FSDP,
-        axes=("data",),
-        gather_axis="data",
-    )
+def make(problem: Problem, mesh: dict) -> Strategy:
+    return rule_based("fsdp", LAYOUT, problem, mesh, FSDP, axes=("data",), gather_axis="data")
+
+
+DEFINITION = Definition(
+    name="fsdp",
+    summary="fully sharded data parallelism (ZeRO-3): parameters stored split, gathered for use",
+    layout=LAYOUT,
+    make=make,
+    axes=("data",),
+    cost=rule_cost,
+    examples=(Example({"data": 8}), Example({"data": 4}), Example({"data": 1})),
+    multi_process=True,
+    portable_checkpoints=True,
+    shards_parameters=True,
+)

@@ -25,8 +25,19 @@ import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
+from bpjax.schema import Int
 from bpjax.step import Problem, TrainState
-from bpjax.strategies.base import Strategy, over_data
+from bpjax.strategies.base import (
+    Collective,
+    Cost,
+    CostInput,
+    Definition,
+    Example,
+    Strategy,
+    local_bytes,
+    over_data,
+    replicated_placement,
+)
 
 AXIS = "data"
 LINEAR = ("sgd", "momentum", "nesterov")
@@ -51,16 +62,14 @@ def _is_linear(tx) -> bool:
     return bool(np.allclose((a + b) / 2, m, rtol=1e-5, atol=1e-7))
 
 
-def make(problem: Problem, parallel) -> Strategy:
-    H = int(parallel.get("local_steps", 1))
-    if H < 1:
-        raise UserError(f"parallel.local_steps={H} must be >= 1")
+def make(problem: Problem, mesh: dict, *, local_steps: int) -> Strategy:
+    H = local_steps
     if not _is_linear(problem.tx):
         raise UserError(
             "local_sgd averages parameters, which matches synchronous training only when the update is "
             f"linear in the gradient; use optimizer.name={' / '.join(LINEAR)} without clip_norm"
         )
-    mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "local_sgd"))
+    mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "local_sgd"))
     W = mesh.shape[AXIS]
     per_worker = jax.sharding.NamedSharding(mesh, jax.P(AXIS))
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -99,16 +108,16 @@ def make(problem: Problem, parallel) -> Strategy:
         return TrainState(new_step, params, opt_state), {"loss": loss}
 
     def consensus(x):
-        # A worker-stacked leaf (state, or the params alone) becomes the mean of the copies, accumulated
-        # in float64 so that identical copies (right after averaging) come back exactly; others as is.
+        # A worker-stacked leaf becomes the mean of the copies, accumulated in float64 so that
+        # identical copies (right after averaging) come back exactly; others as is.
         stacked = isinstance(x, jax.Array) and x.sharding == per_worker
         x = np.asarray(jax.device_get(x))
         if not stacked:
             return x
         return x.mean(0, dtype=np.float64).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else x[0]
 
-    def gather(tree):
-        return jax.tree.map(consensus, tree)
+    def gather(state: TrainState) -> TrainState:
+        return jax.tree.map(consensus, state)
 
     return over_data(
         "local_sgd",
@@ -119,3 +128,43 @@ def make(problem: Problem, parallel) -> Strategy:
         step=step,
         gather=gather,
     )
+
+
+def cost(inp: CostInput) -> Cost:
+    data, H = inp.mesh.get(AXIS, 1), inp.settings.local_steps
+    if data == 1:
+        return Cost([])
+    floats = [
+        x for x in jax.tree.leaves((inp.params, inp.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    averaged = sum(local_bytes(x) for x in floats)
+    return Cost(
+        [
+            Collective(
+                "all-reduce",
+                AXIS,
+                data,
+                averaged,
+                f"parameters and optimizer state, averaged once every {H} step(s)",
+                every=H,
+            ),
+            Collective("all-reduce", AXIS, data, 4, "loss (mean over workers, for the log)"),
+        ],
+        [f"the averaging runs on 1 step in {H}; per step that is {1 / H:.2f} of its bytes"],
+    )
+
+
+LOCAL_STEPS = Int(1, "optimizer steps each worker takes between averaging (H)", min=1)
+
+DEFINITION = Definition(
+    name="local_sgd",
+    summary="local SGD: workers step on their own, parameters and optimizer state averaged every H steps",
+    layout="In[B_data, D] · W_w[D, F] per worker w; copies averaged every H steps",
+    make=make,
+    axes=(AXIS,),
+    settings={"local_steps": LOCAL_STEPS},
+    cost=cost,
+    placement=replicated_placement,
+    # H=1: averaging after every step is synchronous dp for an update linear in the gradient.
+    examples=tuple(Example({"data": n}, {"local_steps": 1}, optimizers=("momentum",)) for n in (8, 4, 1)),
+)

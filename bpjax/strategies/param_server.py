@@ -28,9 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
-from bpjax.errors import UserError
+from bpjax.schema import Int
 from bpjax.step import Problem, TrainState
-from bpjax.strategies.base import Strategy, over_data
+from bpjax.strategies.base import (
+    Collective,
+    Cost,
+    CostInput,
+    Definition,
+    Example,
+    Strategy,
+    over_data,
+    split_over_data,
+)
 from bpjax.strategies.rules import FSDP, param_specs
 from bpjax.strategies.sharded import state_shardings
 
@@ -45,11 +54,8 @@ class ServerState(NamedTuple):
     accum: object  # params-shaped, stacked [W, ...] over data: each worker's own sum of gradients
 
 
-def make(problem: Problem, parallel) -> Strategy:
-    n_push, n_fetch = int(parallel.get("n_push", 1)), int(parallel.get("n_fetch", 1))
-    if n_push < 1 or n_fetch < 1:
-        raise UserError(f"parallel.n_push={n_push} and parallel.n_fetch={n_fetch} must be >= 1")
-    mesh = make_mesh(mesh_axes(dict(parallel.mesh), (AXIS,), "param_server"))
+def make(problem: Problem, mesh: dict, *, n_push: int, n_fetch: int) -> Strategy:
+    mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "param_server"))
     W = mesh.shape[AXIS]
     named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
     replicated, per_worker = named(jax.P()), named(jax.P(AXIS))
@@ -142,9 +148,8 @@ def make(problem: Problem, parallel) -> Strategy:
         }
         return ServerState(new_train, cache, accum), metrics
 
-    def gather(tree):
-        tree = jax.tree.map(np.asarray, jax.device_get(tree))
-        return tree.train if isinstance(tree, ServerState) else tree
+    def gather(state: ServerState) -> TrainState:
+        return jax.tree.map(np.asarray, jax.device_get(state.train))
 
     return over_data(
         "param_server",
@@ -156,3 +161,69 @@ def make(problem: Problem, parallel) -> Strategy:
         step=step,
         gather=gather,
     )
+
+
+def placement(problem: Problem, strategy: Strategy, settings):
+    """The parameters' home: the server shards (the workers' caches are copies)."""
+    return jax.tree.map(lambda s: s.sharding, jax.eval_shape(strategy.init, jax.random.key(0)).train.params)
+
+
+def cost(inp: CostInput) -> Cost:
+    data = inp.mesh.get(AXIS, 1)
+    if data == 1:
+        return Cost([])
+    n_push, n_fetch = inp.settings.n_push, inp.settings.n_fetch
+    sharded_b, whole_b = split_over_data(inp.params, data)
+    push, pull = f"once every {n_push} step(s)", f"once every {n_fetch} step(s)"
+    out = [
+        Collective(
+            "reduce-scatter",
+            AXIS,
+            data,
+            sharded_b,
+            f"push: gradients to the server shards, {push}",
+            every=n_push,
+        )
+    ]
+    if whole_b:
+        out.append(
+            Collective(
+                "all-reduce",
+                AXIS,
+                data,
+                whole_b,
+                f"push: gradients of unsplit parameters, {push}",
+                every=n_push,
+            )
+        )
+    out.append(
+        Collective(
+            "all-gather", AXIS, data, sharded_b, f"fetch: parameters from the server, {pull}", every=n_fetch
+        )
+    )
+    out.append(Collective("all-reduce", AXIS, data, 4, "loss (mean over workers, for the log)"))
+    notes = [
+        "param_server's pushes and fetches run under a condition; the compiler may add its own copies "
+        "(compare with --compiled)"
+    ]
+    return Cost(out, notes)
+
+
+DEFINITION = Definition(
+    name="param_server",
+    summary="Downpour-style parameter server: workers push gradients every n_push, fetch every n_fetch steps",
+    layout="server W[D, F_data] sharded over the devices; workers In[B_data, D] · W_cache[D, F]",
+    make=make,
+    axes=(AXIS,),
+    settings={
+        "n_push": Int(1, "workers push their accumulated gradients every n_push steps", min=1),
+        "n_fetch": Int(1, "workers pull the parameters every n_fetch steps", min=1),
+    },
+    cost=cost,
+    placement=placement,
+    examples=(
+        Example({"data": 8}, {"n_push": 1, "n_fetch": 1}),
+        Example({"data": 4}),
+        Example({"data": 1}),
+    ),
+)

@@ -26,7 +26,8 @@ momentum, adam, adamw, rmsprop, adagrad, lion) keeps it zero: updating the packe
 reference update, and a global gradient norm (clipping) is the reference norm, summed over all stages
 by the compiler. Optimizers with per-layer statistics (lamb's trust ratio) are refused. Activations
 crossing a boundary are padded to the widest boundary for the same reason: ``ppermute`` needs one
-shape. The gradient and the optimizer still run in `Problem.train_step`, on the packed parameters.
+shape. The gradient is ``jax.value_and_grad`` of the pipelined loss, and the optimizer runs in
+`Problem.apply_gradients` on the packed buffers.
 """
 
 from __future__ import annotations
@@ -45,8 +46,17 @@ import optax
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
 from bpjax.models.mlp import ACTIVATIONS, layer_name
+from bpjax.schema import Int, Ints
 from bpjax.step import Problem, TrainState, fuse_steps
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import (
+    Checkpointing,
+    Collective,
+    Cost,
+    CostInput,
+    Definition,
+    Example,
+    Strategy,
+)
 
 AXIS = "stage"
 ELEMENTWISE = "sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad or lion"
@@ -211,19 +221,6 @@ def _is_elementwise(tx: optax.GradientTransformation) -> bool:
 # ------------------------------------------------------------------------------ the pipelined loss
 
 
-@dataclasses.dataclass(frozen=True)
-class _Packed(Problem):
-    """``problem`` whose parameters are the packed ``[S, Pmax]`` buffers and whose loss is pipelined.
-
-    `Problem.train_step` then runs the gradient and the optimizer unchanged on the packed buffers.
-    """
-
-    pipelined_loss: Callable | None = None
-
-    def loss_fn(self, params, batch):
-        return self.pipelined_loss(params, batch)
-
-
 def _pipelined_loss(
     problem: Problem,
     mesh: jax.sharding.Mesh,
@@ -313,19 +310,17 @@ def _check_batch(batch_size: int, num_microbatches: int) -> None:
         )
 
 
-def _mesh_and_stages(problem: Problem, parallel):
-    sizes = mesh_axes(dict(parallel.mesh), (AXIS,), "pipeline")
+def _mesh_and_stages(problem: Problem, mesh_cfg, explicit: Sequence[int]):
+    sizes = mesh_axes(dict(mesh_cfg), (AXIS,), "pipeline")
     mesh = make_mesh(sizes)
     widths = (problem.input_dim, *problem.model.widths)
-    stages = assign_stages(list(itertools.pairwise(widths)), mesh.shape[AXIS], tuple(parallel.stages))
+    stages = assign_stages(list(itertools.pairwise(widths)), mesh.shape[AXIS], tuple(explicit))
     return mesh, stages
 
 
-def make(problem: Problem, parallel) -> Strategy:
-    mesh, stages = _mesh_and_stages(problem, parallel)
-    M = int(parallel.microbatches)
-    if M < 1:
-        raise UserError(f"parallel.microbatches={M} must be >= 1")
+def make(problem: Problem, mesh: dict, *, microbatches: int, stages: tuple[int, ...]) -> Strategy:
+    M = microbatches
+    mesh, stages = _mesh_and_stages(problem, mesh, stages)
     ref_shapes = jax.eval_shape(problem.init, jax.random.key(0))
     if not _is_elementwise(problem.tx):
         raise UserError(
@@ -335,10 +330,11 @@ def make(problem: Problem, parallel) -> Strategy:
         )
     slots = _slots(ref_shapes.params, stages)
     pmax = max(_stage_size(s) for s in slots)
-    packed_problem = _Packed(
-        **{f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)},
-        pipelined_loss=_pipelined_loss(problem, mesh, stages, slots, pmax, M),
-    )
+    pipelined_loss = _pipelined_loss(problem, mesh, stages, slots, pmax, M)
+
+    def train_step(state: TrainState, batch):
+        loss, grads = jax.value_and_grad(pipelined_loss)(state.params, batch)
+        return problem.apply_gradients(state, grads), {"loss": loss}
 
     def init(key):
         # The reference init, packed; the jit's out_shardings leave each device only its stage's rows.
@@ -358,22 +354,15 @@ def make(problem: Problem, parallel) -> Strategy:
         _check_batch(np.shape(batch["x"])[1], M)
         return jax.device_put(batch, replicated)
 
-    def is_packed(x) -> bool:
-        return isinstance(x, jax.Array) and x.shape == (len(stages), pmax) and x.sharding == stage_sh
-
-    def gather(tree):
-        # A state, its packed parameters alone (the train loop evaluates those), or metrics.
+    def gather(state: TrainState) -> TrainState:
         unpack = lambda packed: _unpack(np.asarray(jax.device_get(packed)), slots)
-        if is_packed(tree):
-            return unpack(tree)
-        if not isinstance(tree, TrainState):
-            return jax.tree.map(np.asarray, jax.device_get(tree))
         opt_state = optax.tree_map_params(
-            problem.tx, unpack, tree.opt_state, transform_non_params=lambda x: np.asarray(jax.device_get(x))
+            problem.tx, unpack, state.opt_state, transform_non_params=lambda x: np.asarray(jax.device_get(x))
         )
-        return TrainState(np.asarray(jax.device_get(tree.step)), unpack(tree.params), opt_state)
+        return TrainState(np.asarray(jax.device_get(state.step)), unpack(state.params), opt_state)
 
     sizes = "+".join(str(len(s)) for s in stages)
+    init = jax.jit(init, out_shardings=state_sh)
     return Strategy(
         name="pipeline",
         layout=(
@@ -382,15 +371,93 @@ def make(problem: Problem, parallel) -> Strategy:
         ),
         devices=tuple(mesh.devices.flat),
         data_parallel=1,
-        init=jax.jit(init, out_shardings=state_sh),
+        init=init,
         shard_batch=shard_batch,
-        step=jax.jit(
-            fuse_steps(packed_problem.train_step), out_shardings=(state_sh, replicated), donate_argnums=0
-        ),
+        step=jax.jit(fuse_steps(train_step), out_shardings=(state_sh, replicated), donate_argnums=0),
         gather=gather,
+        checkpointing=Checkpointing(lambda: jax.eval_shape(init, jax.random.key(0))),
         mesh=mesh,
-        microbatches=M,
     )
+
+
+# ------------------------------------------------------------------------------ what plan and viz read
+
+
+def _layer_stages(problem: Problem, settings, num_stages: int) -> list[list[int]]:
+    widths = (problem.input_dim, *problem.model.widths)
+    return assign_stages(list(itertools.pairwise(widths)), num_stages, tuple(settings.stages))
+
+
+def placement(problem: Problem, strategy: Strategy, settings):
+    """Each layer whole on its stage's device."""
+    stages = _layer_stages(problem, settings, strategy.num_devices)
+    where = {i: strategy.devices[s] for s, layers in enumerate(stages) for i in layers}
+    shapes = jax.eval_shape(problem.init, jax.random.key(0)).params
+    return {
+        layer_name(i): {k: jax.sharding.SingleDeviceSharding(device) for k in shapes[layer_name(i)]}
+        for i, device in where.items()
+    }
+
+
+def cost(inp: CostInput) -> Cost:
+    """Activations cross stages once per tick each way; the loss is summed from the last stage."""
+    stages = _layer_stages(inp.problem, inp.settings, inp.strategy.num_devices)
+    S, M, widths = len(stages), inp.settings.microbatches, inp.widths
+    notes = [
+        f"{M + S - 1} ticks each way, a bubble of (S-1)/(M+S-1) = {(S - 1) / (M + S - 1):.2f}; activations "
+        f"cross stages padded to the widest boundary; parameters per device are the largest stage, padded "
+        "(see state as stored)"
+    ]
+    if S == 1:
+        return Cost([], notes)
+    widest = max(widths[members[-1] + 1] for members in stages[:-1])
+    tick = inp.batch_size // M * widest * inp.act_itemsize
+    return Cost(
+        [
+            Collective(
+                "collective-permute", AXIS, 2, tick, "activations, stage s -> s+1, every tick", M + S - 1
+            ),
+            Collective(
+                "collective-permute", AXIS, 2, tick, "gradients, stage s+1 -> s, every tick", M + S - 1
+            ),
+            Collective("all-reduce", AXIS, S, 4, "loss (summed from the last stage)"),
+        ],
+        notes,
+    )
+
+
+def check(config) -> None:
+    _check_batch(config.train.batch_size, config.parallel.microbatches)
+
+
+DEFINITION = Definition(
+    name="pipeline",
+    summary="inter-layer model parallelism: contiguous stages, one per device, GPipe microbatches",
+    layout="W_l[D_l, F_l] on device stage(l), packed P[S, Pmax]; In[B/M, D] microbatches flow stage s -> s+1",
+    make=make,
+    axes=(AXIS,),
+    settings={
+        "microbatches": Int(1, "microbatches M per step (M=1: plain layer-wise model parallelism)", min=1),
+        "stages": Ints(
+            (),
+            "first layer of every stage but the first, e.g. (2,); () balances kernel FLOPs",
+            min=1,
+            note="layer indices",
+        ),
+    },
+    cost=cost,
+    placement=placement,
+    examples=(
+        Example({"stage": 4}, {"microbatches": 4}),
+        Example({"stage": 4}),
+        Example({"stage": 2}, {"microbatches": 4}),
+        Example({"stage": 2}),
+        Example({"stage": 1}),
+    ),
+    shards_parameters=True,
+    check=check,
+    timeline=lambda settings, num_devices: schedule(num_devices, settings.microbatches),
+)
 
 
 # ----------------------------------------------------------------------------------- measurement
@@ -421,7 +488,7 @@ def measure_bubble(
         raise ValueError(
             f"measure_bubble fits a line through the times; give two or more M, got {microbatches}"
         )
-    mesh, stages = _mesh_and_stages(problem, parallel)
+    mesh, stages = _mesh_and_stages(problem, parallel.mesh, parallel.stages)
     S = len(stages)
     params = jax.eval_shape(problem.init, jax.random.key(0)).params
     slots = _slots(params, stages)

@@ -12,18 +12,34 @@ does not divide is an error that names the layer and the options.
 from __future__ import annotations
 
 from bpjax.step import Problem
-from bpjax.strategies.base import Strategy
+from bpjax.strategies.base import Definition, Example, Strategy
 from bpjax.strategies.rules import TENSOR
-from bpjax.strategies.sharded import rule_based
+from bpjax.strategies.sharded import REPLICATE, rule_based, rule_cost
+
+LAYOUT = "In[B, D] · W_even[D, F_model] -> H[B, F_model] · W_odd[F_model, D'] -> all-reduce -> Out[B, D']"
 
 
-def make(problem: Problem, parallel) -> Strategy:
+def make(problem: Problem, mesh: dict, *, replicate: tuple[str, ...]) -> Strategy:
     return rule_based(
-        "tensor",
-        "In[B, D] · W_even[D, F_model] -> H[B, F_model] · W_odd[F_model, D'] -> all-reduce -> Out[B, D']",
-        problem,
-        parallel,
-        TENSOR,
-        axes=("model",),
-        strict=("model",),
+        "tensor", LAYOUT, problem, mesh, TENSOR, axes=("model",), replicate=replicate, strict=("model",)
     )
+
+
+DEFINITION = Definition(
+    name="tensor",
+    summary="Megatron tensor parallelism: column- then row-parallel layers over a model axis",
+    layout=LAYOUT,
+    make=make,
+    axes=("model",),
+    settings={"replicate": REPLICATE},
+    cost=rule_cost,
+    examples=(
+        Example({"model": 8}),
+        Example({"model": 4}),
+        Example({"model": 8}, {"replicate": ("layer_1",)}),
+        Example({"model": 1}),
+    ),
+    multi_process=True,
+    portable_checkpoints=True,
+    shards_parameters=True,
+)
