@@ -1,0 +1,76 @@
+"""The documentation: the README front page and the mkdocs site in docs/.
+
+The site builds in strict mode (a broken link or anchor between pages fails it), the generated
+configuration reference is current, the README stays a short front page that keeps its quick start, and
+every registered strategy is in the README's table and has a section in docs/strategies.md.
+"""
+
+import re
+import subprocess
+import sys
+
+from bpjax import config as cfg_lib
+from bpjax import strategies
+
+README_LIMIT = 10_000  # bytes
+
+
+def section(text: str, heading: str) -> str:
+    """The body of the ``## heading`` section of a Markdown text, up to the next ``## `` heading."""
+    match = re.search(rf"^## {re.escape(heading)}\s*$(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert match, f"no '## {heading}' section"
+    return match.group(1)
+
+
+def test_mkdocs_builds_strict(root, tmp_path):
+    # A subprocess: mkdocs and its plugins may warn on import, and warnings are errors in this suite.
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr}{result.stdout}"
+    assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_nav_lists_every_page(root):
+    nav = (root / "mkdocs.yml").read_text()
+    pages = sorted(p.name for p in (root / "docs").glob("*.md"))
+    missing = [page for page in pages if not re.search(rf":\s*{re.escape(page)}\s*$", nav, re.MULTILINE)]
+    assert not missing, f"docs pages missing from the nav in mkdocs.yml: {missing}"
+
+
+def test_configuration_reference_is_current(root):
+    on_disk = (root / "docs" / "configuration.md").read_text()
+    assert on_disk == cfg_lib.reference_markdown(), (
+        "docs/configuration.md is stale; run: bpjax config --schema > docs/configuration.md"
+    )
+
+
+def test_readme_is_a_short_front_page_with_the_quick_start(root):
+    raw = (root / "README.md").read_bytes()
+    assert len(raw) < README_LIMIT, (
+        f"README.md is {len(raw)} bytes; move detail into docs/ (limit {README_LIMIT})"
+    )
+    quick = section(raw.decode(), "Quick start")
+    commands = re.findall(r"^```bash\n(.*?)\n```$", quick, re.MULTILINE | re.DOTALL)
+    assert len(commands) == 2, f"the quick start should hold two fenced commands, found {commands}"
+    for command in commands:
+        assert "\n" not in command.strip(), f"a quick-start command is one line: {command!r}"
+        assert command.startswith("python3 -m venv .venv && "), command
+    run, test = commands
+    experiment = run.rsplit("bpjax run ", 1)[-1]
+    assert (root / experiment).is_file(), f"the quick start runs {experiment}, which does not exist"
+    assert test.endswith("pytest"), test
+
+
+def test_every_strategy_is_documented(root):
+    table = section((root / "README.md").read_text(), "Strategies")
+    rows = set(re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE))
+    headings = re.findall(r"^#{2,3} (.*)$", (root / "docs" / "strategies.md").read_text(), re.MULTILINE)
+    named = {name for heading in headings for name in re.findall(r"`([^`]+)`", heading)}
+    for name in strategies.REGISTRY:
+        assert name in rows, f"README.md's strategy table has no row for {name!r}"
+        assert name in named, f"docs/strategies.md has no section heading naming `{name}`"
