@@ -1,4 +1,5 @@
-"""The convergence study: synchronous, asynchronous (staleness 1, 2, 4, 8), parameter server, local SGD.
+"""The convergence study: synchronous, asynchronous (staleness 1, 2, 4, 8), parameter server, local SGD,
+DiLoCo.
 
 Run:      bpjax compare experiments/study_sync_async.py [--set train.steps=500] [--workdir runs/study]
 Expected: comparison.md / .csv and loss_vs_step.png / loss_vs_bytes.png in the workdir. All runs train
@@ -39,4 +40,5 @@ def get_configs():
         **{f"async_tau{t}": run("async", staleness=t) for t in (1, 2, 4, 8)},
         "param_server": run("param_server", n_push=4, n_fetch=4),
         **{f"local_sgd_H{h}": run("local_sgd", local_steps=h) for h in (4, 16)},
+        "diloco_H16": run("diloco", local_steps=16),
     }

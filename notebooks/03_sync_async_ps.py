@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # How replicas agree: synchronous, asynchronous, parameter server, local SGD
+# # How replicas agree: synchronous, asynchronous, parameter server, local SGD, DiLoCo
 #
 # Parallel BP training differs not only in how the data is cut but in how the replicas agree:
 #
@@ -27,8 +27,11 @@
 #   parameters every 4 steps from a server whose state is split over the devices (1/1 is sync exactly).
 # - **local SGD**: workers take H steps on their own copies, then average them (H = 1 is sync exactly
 #   for SGD with momentum).
+# - **DiLoCo**: workers take H steps on their own copies with their own optimizer state, then the
+#   outer model takes a Nesterov step (lr 0.7, momentum 0.9) along the mean of their progress (outer
+#   lr 1 without momentum is local SGD without averaging optimizer states; tested).
 #
-# The study file `experiments/study_sync_async.py` defines the eight runs; `bpjax compare` trains them
+# The study file `experiments/study_sync_async.py` defines the nine runs; `bpjax compare` trains them
 # from the same parameters and batches and writes a table and two plots.
 
 # %%
@@ -78,6 +81,8 @@ assert (
     < by_run["sync"]["bytes_total"]
 )
 assert by_run["param_server"]["bytes_total"] < by_run["sync"]["bytes_total"]
+# DiLoCo averages the parameters only (not the optimizer state) once per 16 steps.
+assert by_run["diloco_H16"]["bytes_total"] < by_run["local_sgd_H16"]["bytes_total"]
 
 # %% [markdown]
 # ## Reading the results

@@ -70,6 +70,7 @@ def test_the_study_file_loads(root):
         "param_server",
         "local_sgd_H4",
         "local_sgd_H16",
+        "diloco_H16",
     ]
     assert all(c.train.steps == 10 for c in runs.values())
 

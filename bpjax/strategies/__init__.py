@@ -19,6 +19,7 @@ from bpjax.schema import Setting
 from bpjax.step import Problem
 from bpjax.strategies import (
     async_sgd,
+    diloco,
     dp,
     fsdp,
     hybrid,
@@ -44,6 +45,7 @@ REGISTRY: dict[str, Definition] = {
         local_sgd.DEFINITION,
         async_sgd.DEFINITION,
         param_server.DEFINITION,
+        diloco.DEFINITION,
     )
 }
 
