@@ -14,6 +14,8 @@ process killed mid-save leaves the previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from bpjax import faults, strategies
-from bpjax.errors import UserError
+from bpjax.errors import UserError, quiet_stderr
 from bpjax.strategies.base import Strategy
+from bpjax.workdir import CHECKPOINTS  # noqa: F401  (re-exported: the folder inside a run's workdir)
 
 # Config sections (or keys) a resumed run must share with the run that saved: they fix the model, the
 # optimizer, the data and its order. Steps, strategy, mesh, logging and checkpoint settings may change.
-CHECKPOINTS = "checkpoints"  # the folder inside a run's workdir
 MUST_MATCH = ("seed", "data", "model", "optimizer", "train.batch_size", "train.loss", "train.nonfinite")
 
 
@@ -49,11 +51,49 @@ def _signature(abstract) -> list[list]:
     return [[jax.tree_util.keystr(path), list(x.shape), str(x.dtype)] for path, x in leaves]
 
 
+def _ignore_closed_loop_callbacks() -> None:
+    """After a failed read or write, tensorstore's callbacks reach orbax's closed event loop and
+    Python reports each as an unraisable ``RuntimeError: Event loop is closed`` traceback, from a
+    thread no caller sees. Those (only those) are dropped; the failure itself is reported in one line."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_bpjax", False):
+        return
+
+    def hook(unraisable):
+        if (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            return
+        previous(unraisable)
+
+    hook._bpjax = True
+    sys.unraisablehook = hook
+
+
+class Unreadable(Exception):
+    """A checkpoint whose files cannot be read (truncated, half-deleted, corrupt): a resume falls back
+    to an older one. Its message is one short line."""
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of what went wrong, short: orbax and tensorstore errors run to many lines."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full ")[0]
+    text = text if len(text) <= 90 else text[:87] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 class Checkpointer:
     """Saves a strategy's state every ``checkpoint.every`` steps into ``directory``; restores it."""
 
     def __init__(self, directory: str | Path, config, strategy: Strategy, *, create: bool = True):
         self.directory = Path(directory).absolute()
+        self.failed = False  # a read or write failed (and was reported): shut down quietly
+        # orbax logs a failed background write through absl, many lines per array, from its own
+        # threads; bpjax reports it in one line (`bpjax.train`), so only orbax's fatal messages show.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        _ignore_closed_loop_callbacks()
         self.codec = strategy.checkpointing
         self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create))
         # What every checkpoint of this run says about itself, bar its step (traced once, not per save).
@@ -84,18 +124,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
     def read_meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def check(self, step: int) -> dict[str, Any]:
-        """Raise a one-line `UserError` if checkpoint ``step`` cannot be restored into this run."""
+        """Raise a one-line `UserError` if checkpoint ``step`` belongs to another run or layout, and
+        `Unreadable` if its metadata cannot be read."""
         where = self.directory / str(step)
         try:
             meta = self.read_meta(step)
-        except Exception as e:  # noqa: BLE001  (any unreadable folder is the user's to fix)
-            raise UserError(
-                f"checkpoint {where} cannot be read ({type(e).__name__}); delete it or resume another"
-            ) from None
+            meta["config"], meta["shapes"], meta["strategy"], meta["mesh"], meta["portable"]  # noqa: B018
+        except Exception as e:  # noqa: BLE001  (a damaged folder: the caller falls back to another)
+            raise Unreadable(_reason(e)) from None
         ours = self.meta(step)
         theirs_flat, ours_flat = _flat(meta["config"]), _flat(ours["config"])
         for key in sorted(set(theirs_flat) | set(ours_flat)):
@@ -133,19 +177,52 @@ class Checkpointer:
         return meta
 
     def restore(self, step: int):
-        """The state saved at ``step``, laid out for this run's strategy (resharded as needed)."""
+        """The state saved at ``step``, laid out for this run's strategy (resharded as needed).
+
+        Raises `UserError` for a checkpoint of another run or layout, `Unreadable` for damaged files.
+        """
         self.check(step)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self.codec.target()))
-        )
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self.codec.target()))
+            )
+        except Exception as e:  # noqa: BLE001  (tensorstore and orbax raise many kinds for damaged files)
+            raise Unreadable(_reason(e)) from None
         return self.codec.load(restored["state"])
+
+    def newest_readable(self, restore: bool = True) -> tuple[int, Any, list[tuple[int, str]]]:
+        """``(step, state, skipped)``: the newest checkpoint that can be read (and restored, with
+        ``restore``; otherwise ``state`` is None), and the newer ones that could not, with why."""
+        skipped: list[tuple[int, str]] = []
+        for step in self.all_steps():
+            try:
+                with quiet_stderr():
+                    state = self.restore(step) if restore else (self.check(step), None)[1]
+            except Unreadable as e:
+                skipped.append((step, str(e)))
+                self.failed = True
+                # asyncio logs the same failure again for each array's unfinished read.
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+                continue
+            return step, state, skipped
+        if not skipped:
+            raise UserError(f"--resume: {self.directory} holds no complete checkpoint; run without --resume")
+        step, why = skipped[0]
+        raise UserError(
+            f"--resume: no checkpoint in {self.directory} can be read (the latest, step {step}: {why}); "
+            "start a new --workdir"
+        )
 
     def wait(self) -> None:
         """Block until background saves are on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        if self.failed:
+            with quiet_stderr():  # a failed read's or write's callbacks fire as the manager shuts down
+                self.manager.close()
+        else:
+            self.manager.close()
 
 
 def _to_json(value):
@@ -172,12 +249,10 @@ def _short(value) -> str:
 
 
 def restore_latest(directory: str | Path, config, strategy: Strategy):
-    """``(step, state)`` of the latest checkpoint in ``directory``, laid out for ``strategy``."""
+    """``(step, state)`` of the newest readable checkpoint in ``directory``, laid out for ``strategy``."""
     ckpt = Checkpointer(directory, config, strategy, create=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(f"no complete checkpoint in {directory}")
-        return step, ckpt.restore(step)
+        step, state, _ = ckpt.newest_readable()
+        return step, state
     finally:
         ckpt.close()

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bpjax.errors import OneLineError, UserError
+from bpjax.errors import OneLineError, UserError, WriteFailed, mute_stderr
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": _run, "launch": _launch, "plan": _plan, "config": _config, "compare": _compare}
         return commands[args.command](args)
     except OneLineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        if isinstance(e, WriteFailed):
+            mute_stderr()  # the libraries' own reports of the same failure, as the process exits
         return e.exit_code
 
 

@@ -28,8 +28,9 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from bpjax.errors import OneLineError, UserError
+from bpjax.errors import Interrupted, OneLineError, UserError
 
 _STARTED = False
 
@@ -154,7 +155,11 @@ def fail_fast() -> Iterator[None]:
         if not one_line and not isinstance(e, KeyboardInterrupt | SystemExit):
             traceback.print_exc()
         what = str(e) if one_line else f"{type(e).__name__}: {e}"
-        print(f"error: process {process_index()} failed: {what}", file=sys.stderr, flush=True)
+        if isinstance(e, Interrupted):  # every process stopped at the same step: one line says it
+            if process_index() == 0:
+                print(f"{e.prefix}: {what}", file=sys.stderr, flush=True)
+        else:
+            print(f"error: process {process_index()} failed: {what}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         if one_line:
             os._exit(e.exit_code)
@@ -208,9 +213,17 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, sig)
 
+    forwarded: list[int] = []
+
     def on_signal(signum, _frame):
-        kill_all()
-        raise SystemExit(128 + signum)
+        # A scheduler's SIGTERM (or Ctrl-C) is the workers' to act on: they save and stop together.
+        nonlocal deadline
+        if forwarded:  # a second signal: stop now
+            kill_all()
+            raise SystemExit(128 + signum)
+        forwarded.append(signum)
+        kill_all(signum)
+        deadline = time.monotonic() + grace_s
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     first_failure: tuple[int, int] | None = None
@@ -219,8 +232,12 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
         while any(p.poll() is None for p in procs):
             failed = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() not in (None, 0)]
             if failed and first_failure is None:
-                # Several may be seen at once; one that JAX aborted (SIGABRT) is a consequence, not the cause.
+                # Several may be seen at once; one that JAX aborted (SIGABRT) is a consequence, not the
+                # cause, and so is every failure while another process hangs (stopped, not dead).
                 first_failure = min(failed, key=lambda f: f[1] == -signal.SIGABRT)
+                hung = [r for r, p in enumerate(procs) if p.poll() is None and _stopped(p.pid)]
+                if first_failure[1] == -signal.SIGABRT and hung:
+                    first_failure = (hung[0], _HUNG)
                 deadline = time.monotonic() + grace_s
                 rank, code = first_failure
                 print(
@@ -244,11 +261,16 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
     codes = [p.wait() for p in procs]
     if all(c == 0 for c in codes):
         return 0
+    stopped = [128 + s for s in (signal.SIGINT, signal.SIGTERM)]
+    if all(c in stopped for c in codes):  # a signal: every process saved and stopped at the same step
+        return codes[0]
     cause = first_failure or min(
         ((r, c) for r, c in enumerate(codes) if c), key=lambda f: f[1] == -signal.SIGABRT
     )
 
     def what(rank: int, code: int) -> str:
+        if rank == cause[0] and cause[1] == _HUNG:
+            return f"process {rank} stopped running (hung or stopped, not dead) and was killed"
         if code == -signal.SIGABRT and rank != cause[0]:
             return f"process {rank} aborted (SIGABRT: JAX stops a process that loses a peer)"
         return f"process {rank} {_describe_exit(code)}"
@@ -260,3 +282,15 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
         flush=True,
     )
     return cause[1] if cause[1] > 0 else 1
+
+
+_HUNG = -1000  # a cause that is no exit code: a process that stopped running but did not exit
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP, a debugger) rather than running: Linux's /proc state."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")

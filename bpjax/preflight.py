@@ -8,18 +8,19 @@ and ``bpjax compare`` all go through here, so bad input is refused the same way 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ml_collections as mlc
 
 from bpjax import config as cfg_lib
 from bpjax import data as data_lib
 from bpjax import distributed, strategies
+from bpjax import workdir as workdir_lib
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
 from bpjax.devices import use_cpu_devices
-from bpjax.errors import UserError
-from bpjax.metrics import RUN_FILES
+from bpjax.errors import UserError, warn
 from bpjax.plan import check_memory_budget, make_plan
 from bpjax.step import Problem, make_problem
 from bpjax.strategies.base import Strategy
@@ -93,64 +94,45 @@ def check_multi_process(setup: Setup, processes: int) -> None:
         )
 
 
+@dataclass
+class Output:
+    """Where a run writes and where it starts: the checked workdir (None: nothing written), the step,
+    and for a resume the restored state and the newer checkpoints that could not be read."""
+
+    workdir: Path | None
+    start: int = 0
+    state: Any = None
+    damaged: list[tuple[int, str]] = field(default_factory=list)
+
+
 def check_output(
-    setup: Setup, workdir: str | Path | None, overwrite: bool, resume: bool
-) -> tuple[Path | None, int]:
-    """Read-only checks of the output folder: ``(workdir, the step the run starts from)``.
+    setup: Setup, workdir: str | Path | None, overwrite: bool, resume: bool, restore: bool = False
+) -> Output:
+    """Read-only checks of the output folder, and of the checkpoint a resume starts from.
 
     Every process makes them (and `bpjax launch`, before it starts any) before anything is written.
+    With ``restore`` (the run itself), the resumed state is read here too, so that a checkpoint whose
+    files are damaged is found before the workdir is touched: the newest readable one is used instead,
+    with a warning line, and none readable is one error line.
     """
-    out = _check_workdir(workdir, overwrite, resume)
-    return out, _resume_point(setup.config, setup.strategy, out) if resume else 0
-
-
-def _check_workdir(workdir: str | Path | None, overwrite: bool, resume: bool) -> Path | None:
-    """Read-only checks of the output folder (every process makes them before anything is written)."""
-    if workdir is None:
-        if resume:
-            raise UserError("--resume needs the --workdir of the run to continue")
-        return None
-    workdir = Path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise UserError(f"--workdir {workdir} is a file; give a folder")
-    if resume and overwrite:
-        raise UserError(
-            "--resume continues the run in --workdir and --overwrite replaces it; pass one of them"
-        )
-    if resume:
-        if not (workdir / CHECKPOINTS).is_dir():
-            raise UserError(
-                f"--resume: {workdir} holds no checkpoints; run without --resume (checkpoint.every > 0 saves them)"
-            )
-        return workdir
-    taken = [f for f in (*RUN_FILES, CHECKPOINTS) if (workdir / f).exists()]
-    if taken and not overwrite:
-        raise UserError(
-            f"{workdir} already holds a run ({taken[0]}); choose another --workdir, pass --resume to continue "
-            f"it or --overwrite to replace it"
-        )
-    return workdir
-
-
-def _resume_point(config, strategy: Strategy, workdir: Path) -> int:
-    """The latest complete checkpoint's step, checked against this run's config and strategy."""
-    ckpt = Checkpointer(workdir / CHECKPOINTS, config, strategy, create=False)
+    out = workdir_lib.check(workdir, overwrite, resume)
+    if not resume:
+        return Output(out)
+    config = setup.config
+    ckpt = Checkpointer(out / CHECKPOINTS, config, setup.strategy, create=False)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise UserError(
-                f"--resume: {workdir / CHECKPOINTS} holds no complete checkpoint; run without --resume"
-            )
-        ckpt.check(step)
+        step, state, damaged = ckpt.newest_readable(restore=restore)
     finally:
         ckpt.close()
+    for bad, why in damaged:
+        warn(f"checkpoint {out / CHECKPOINTS / str(bad)} cannot be read ({why}); resuming from step {step}")
     if step >= config.train.steps:
         raise UserError(
-            f"--resume: the run in {workdir} is complete at step {step}; raise train.steps to train further"
+            f"--resume: the run in {out} is complete at step {step}; raise train.steps to train further"
         )
     if step % config.train.steps_per_call:
         raise UserError(
             f"--resume: checkpoint step {step} is not a multiple of train.steps_per_call="
             f"{config.train.steps_per_call}; resume with the steps_per_call that saved it"
         )
-    return step
+    return Output(out, step, state, damaged)

@@ -9,9 +9,12 @@ tests all call this function.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +24,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from jax.experimental import multihost_utils
 
 from bpjax import data as data_lib
 from bpjax import distributed, faults
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
-from bpjax.errors import TrainingStopped
-from bpjax.metrics import RUN_FILES, MetricsLog, Progress, read_jsonl, write_json
+from bpjax.errors import Interrupted, TrainingStopped, WriteFailed, quiet_stderr, warn
+from bpjax.metrics import MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
-from bpjax.preflight import Setup, check_output, prepare
+from bpjax.preflight import Output, Setup, check_output, prepare
 from bpjax.step import Problem, TrainState
 from bpjax.strategies.base import to_host
+from bpjax.workdir import RunDir, describe_os_error
 
 EVAL_CHUNK = 8192  # test examples per evaluation call: bounds memory for large synthetic test sets
 
@@ -51,20 +56,14 @@ class RunResult:
         return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], dtype=float)
 
 
-def _open_workdir(workdir: Path, resume_step: int | None) -> None:
-    """Process 0 only: clear an overwritten run, or cut a resumed run's log back to its checkpoint."""
-    if resume_step is None:
-        for f in RUN_FILES:
-            (workdir / f).unlink(missing_ok=True)
-        shutil.rmtree(workdir / CHECKPOINTS, ignore_errors=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if resume_step is not None:
-        (workdir / "summary.json").unlink(missing_ok=True)
-        log = workdir / "metrics.jsonl"
-        rows = read_jsonl(log) if log.exists() else []
-        tmp = log.with_name(log.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-        os.replace(tmp, log)
+def _cut_log(workdir: Path, resume_step: int) -> None:
+    """A resumed run's log continues from its checkpoint: later rows (to be trained again) go."""
+    (workdir / "summary.json").unlink(missing_ok=True)
+    log = workdir / "metrics.jsonl"
+    rows = read_jsonl(log) if log.exists() else []
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
+    os.replace(tmp, log)
 
 
 def make_evaluator(problem: Problem, ds: data_lib.Dataset):
@@ -114,12 +113,12 @@ def run(
       TrainingStopped: the loss became NaN or Inf (``train.nonfinite``); the last good checkpoint stays.
     """
     setup = prepare(config)
-    out, start = check_output(setup, workdir, overwrite, resume)
-    out = _open_run(setup, out, start if resume else None)
-    loop = _Loop(setup, out, start, resume)
+    output = check_output(setup, workdir, overwrite, resume, restore=True)
+    run_dir = _open_run(setup, output, overwrite)
+    loop = _Loop(setup, output, run_dir)
     try:
         state, step_fn = loop.start()
-        for call in range(start // loop.k, loop.steps // loop.k):
+        for call in range(output.start // loop.k, loop.steps // loop.k):
             state, metrics = step_fn(state, loop.batch(call))
             done = loop.dispatched(call, metrics)
             if not loop.due(done):
@@ -128,27 +127,50 @@ def run(
             loop.police_nonfinite(losses)
             loop.save(done, state)
             loop.log_and_evaluate(done, state, losses)
+            loop.stop_if_signalled(done, state)
+        result = loop.result(state)
+    except BaseException:
+        loop.fail()
+        raise
     finally:
         loop.close()
-    return loop.result(state)
+    return result
 
 
-def _open_run(setup: Setup, out: Path | None, resume_step: int | None) -> Path | None:
-    """Every process has checked; process 0 opens the workdir and writes ``config.json``."""
+def _open_run(setup: Setup, output: Output, overwrite: bool) -> RunDir | None:
+    """Every process has checked; process 0 takes the workdir's lock, moves an overwritten run aside,
+    sets damaged checkpoints aside, and writes ``config.json``."""
     distributed.barrier("bpjax: run checked")  # nobody writes before every process has checked
+    out, run_dir = output.workdir, None
     if out and distributed.is_leader():
-        _open_workdir(out, resume_step)
-        write_json(out / "config.json", setup.config.to_dict())
+        run_dir = RunDir(out)
+        run_dir.acquire()
+        try:
+            if overwrite:
+                run_dir.move_aside()
+            if output.damaged:
+                run_dir.set_aside_damaged([step for step, _ in output.damaged])
+            if output.state is not None:
+                _cut_log(out, output.start)
+            write_json(out / "config.json", setup.config.to_dict())
+        except OSError as e:
+            run_dir.roll_back()
+            run_dir.release()
+            raise WriteFailed(
+                describe_os_error(e, str(out)) + "; nothing of an earlier run was lost"
+            ) from None
     distributed.barrier("bpjax: workdir ready")
-    return out
+    return run_dir
 
 
 class _Loop:
     """The train loop's state between calls, and its named steps: batch, sync, non-finite policy,
     save, log and evaluate. Nothing here knows how the strategy lays out its step."""
 
-    def __init__(self, setup: Setup, out: Path | None, start: int, resume: bool):
+    def __init__(self, setup: Setup, output: Output, run_dir: RunDir | None):
+        out, start, resume = output.workdir, output.start, output.state is not None
         self.setup, self.out, self.start_step, self.resume = setup, out, start, resume
+        self.restored, self.run_dir = output.state, run_dir
         config, strategy = setup.config, setup.strategy
         t = self.t = config.train
         self.k, self.steps = t.steps_per_call, t.steps
@@ -173,11 +195,17 @@ class _Loop:
         self.bad_in_a_row, self.nonfinite_steps = 0, 0
         self.row: dict[str, Any] = {}
         self.first_batch = None
+        self.quiet = None  # stderr silenced after a failed write has been reported
+        self.saved: int | None = None  # the step of the last checkpoint started
+        self.signal: int | None = None  # SIGINT or SIGTERM received, acted on at the next sync
+        self._handlers: dict = {}
 
     def start(self):
         """The initial (or restored) state and the step, compiled ahead of time."""
         strategy, s = self.setup.strategy, self.start_step
-        state = self.ckpt.restore(s) if self.resume else strategy.init(jax.random.key(self.setup.config.seed))
+        self._catch_signals()
+        state = self.restored if self.resume else strategy.init(jax.random.key(self.setup.config.seed))
+        self.restored = None
         self.first_batch = strategy.shard_batch(self.setup.batches.stack(s, self.k, self.rows))
         compile_start = time.perf_counter()
         step_fn = strategy.step.lower(state, self.first_batch).compile()
@@ -214,12 +242,14 @@ class _Loop:
         return self.ckpt is not None and bool(self.every) and (done % self.every == 0 or done == self.t.steps)
 
     def due(self, done: int) -> bool:
-        """Whether to block now: to log, evaluate or save, or because ``sync_every`` steps are queued."""
+        """Whether to block now: to log, evaluate or save, or because ``sync_every`` steps are queued;
+        in one process, also at once after a signal (several processes agree at their next sync)."""
         return (
             self._log_now(done)
             or self._eval_now(done)
             or self._save_now(done)
             or done - self.last_sync >= self.t.sync_every
+            or (self.signal is not None and jax.process_count() == 1)
         )
 
     def sync(self, done: int) -> np.ndarray:
@@ -247,13 +277,98 @@ class _Loop:
             if t.nonfinite == "stop" or self.bad_in_a_row > t.max_skipped:
                 _stop_nonfinite(self.synced_from + i + 1, float(loss), t, self.ckpt, self.out)
 
-    def save(self, done: int, state) -> None:
-        if not self._save_now(done):
+    def save(self, done: int, state, now: bool = False) -> None:
+        if not (now or self._save_now(done)):
             return
         # The losses were finite, but the last update may not have been: never save such a state.
         if not bool(all_finite(state)):
             _stop_nonfinite(done, float("nan"), self.t, self.ckpt, self.out, what="the parameters became")
-        self.ckpt.save(done, state)
+        if self.ckpt is None:  # a signal, in a run that saves no checkpoints otherwise
+            self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.setup.config, self.setup.strategy)
+        with self._writing(self.out / CHECKPOINTS / str(done)):
+            if self.saved != done:  # a signal on a step that was just saved: only wait for it
+                self.ckpt.save(done, state)
+                self.saved = done
+            if now:
+                self.ckpt.wait()
+        if self.run_dir is not None:
+            self.run_dir.commit()  # the new run has something to show: an overwritten run may go
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A full disk or another OS error while writing: one line naming the path; the last complete
+        checkpoint stays (orbax writes into a temporary folder and renames it when complete)."""
+        try:
+            yield
+        except OSError as e:
+            raise WriteFailed(self._write_failure(describe_os_error(e, str(path)))) from None
+        except Exception as e:  # orbax reports a failed background write as its own error
+            cause = _os_error_in(e)
+            if cause is None:
+                raise
+            raise WriteFailed(self._write_failure(describe_os_error(cause, str(path)))) from None
+
+    def _write_failure(self, what: str) -> str:
+        last = None
+        if self.quiet is None:  # orbax's threads report the same failure at length: not to the user
+            self.quiet = quiet_stderr()
+            self.quiet.__enter__()
+        # asyncio then logs the same failure again for every unfinished write task.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        if self.ckpt is not None:
+            self.ckpt.failed = True
+            with contextlib.suppress(Exception):
+                last = self.ckpt.latest_step()
+        kept = (
+            f"checkpoint {last} is intact; free space and --resume"
+            if last is not None
+            else "no checkpoint was saved"
+        )
+        return f"{what}; {kept}"
+
+    def _catch_signals(self) -> None:
+        """SIGINT and SIGTERM (a scheduler's preemption) set a flag; the loop saves and stops at its next
+        sync. A second signal of the same kind stops at once (Python's default)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, _frame):
+            if self.signal is not None:
+                signal.signal(
+                    signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler
+                )
+                signal.raise_signal(signum)
+                return
+            self.signal = signum
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._handlers[signum] = signal.signal(signum, handler)
+
+    def stop_if_signalled(self, done: int, state) -> None:
+        """After a signal: every process stops at the same step, with one checkpoint, and says how to
+        go on. Across processes the flag is agreed on (any process signalled) at every sync."""
+        signum = self.signal
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.int32(signum or 0))
+            signum = int(np.max(flags)) or None
+        if signum is None:
+            return
+        name = signal.Signals(signum).name
+        if self.out is None:
+            raise Interrupted(f"{name} at step {done}; nothing was saved (no workdir)", signum)
+        self.save(done, state, now=True)
+        raise Interrupted(
+            f"{name} at step {done}; saved checkpoint {done} in {self.out / CHECKPOINTS}; "
+            f"continue with --resume --workdir {self.out}",
+            signum,
+        )
+
+    def fail(self) -> None:
+        """The run failed: an earlier run it was replacing, with nothing new to show yet, goes back."""
+        if self.run_dir is not None and self.run_dir.roll_back():
+            warn(
+                f"the run did not get to its first checkpoint; the earlier run in {self.out} is back in place"
+            )
 
     def log_and_evaluate(self, done: int, state, losses: np.ndarray) -> None:
         if self._log_now(done) or self._eval_now(done):
@@ -272,7 +387,8 @@ class _Loop:
             row.update({f"{key}_per_step": value for key, value in means.items()})
             if self._eval_now(done):
                 row.update(self.evaluate(self.setup.strategy.gather(state).params))
-            self.log.write(row)
+            with self._writing(self.out / "metrics.jsonl" if self.out else Path("metrics.jsonl")):
+                self.log.write(row)
             self.progress.log(row)
             self.row = row
             self.window_seconds, self.window_steps, self.window = 0.0, 0, []
@@ -280,10 +396,22 @@ class _Loop:
 
     def close(self) -> None:
         self.progress.close()
-        self.log.close()
-        if self.ckpt is not None:
-            self.ckpt.wait()  # the last checkpoint is complete on disk before the run returns or raises
-            self.ckpt.close()
+        try:
+            self.log.close()
+            if self.ckpt is not None:
+                # The last checkpoint is complete on disk before the run returns or raises (a
+                # failed write was reported already: then only shut down).
+                if not self.ckpt.failed:
+                    with self._writing(self.out / CHECKPOINTS):
+                        self.ckpt.wait()
+                self.ckpt.close()
+        finally:
+            if self.quiet is not None:
+                self.quiet.__exit__(None, None, None)
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            if self.run_dir is not None:
+                self.run_dir.release()
 
     def result(self, state) -> RunResult:
         setup, t, row = self.setup, self.t, self.row
@@ -316,8 +444,24 @@ class _Loop:
             "jax_version": jax.__version__,
         }
         if self.out and self.leader:
-            write_json(self.out / "summary.json", summary)
+            with self._writing(self.out / "summary.json"):
+                write_json(self.out / "summary.json", summary)
+        if self.run_dir is not None:
+            self.run_dir.commit()
         return RunResult(config, summary, self.log.rows, final, self.out)
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind an exception, following its causes (orbax wraps the one a write raised)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        if "No space left on device" in str(e):
+            return OSError(28, "No space left on device")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 @jax.jit
