@@ -8,6 +8,7 @@ and ``bpjax compare`` all go through here, so bad input is refused the same way 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from bpjax import workdir as workdir_lib
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
 from bpjax.devices import use_cpu_devices
 from bpjax.errors import UserError, warn
-from bpjax.plan import check_memory_budget, make_plan
+from bpjax.plan import check_memory_budget, make_plan, per_device_bytes
 from bpjax.step import Problem, make_problem
 from bpjax.strategies.base import Strategy
 
@@ -50,6 +51,7 @@ def prepare(config: mlc.ConfigDict) -> Setup:
         check_processes(config, processes)
         use_cpu_devices(config.parallel.cpu_devices // processes)
     distributed.initialize(config.distributed)
+    check_data_size(config)
     ds = data_lib.load(config.data, config.seed)
     if ds.task == "regression" and config.train.loss != "mse":
         raise UserError(f"data {config.data.name} has real-valued targets; set train.loss=mse")
@@ -66,10 +68,85 @@ def prepare(config: mlc.ConfigDict) -> Setup:
     batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
     setup = Setup(config, ds, problem, strategy, batches)
     check_multi_process(setup, processes)
+    plan = make_plan(setup)
     budget = config.parallel.memory_budget_mb
     if budget:
-        check_memory_budget(make_plan(setup), budget)
+        check_memory_budget(plan, budget)
+    check_memory(setup, plan)
     return setup
+
+
+# ------------------------------------------------------------------------------------------ resources
+
+GIB = 2**30
+# What a run may plan to use of the memory the machine says is available: the rest is for XLA's own
+# buffers, the compiler, Python, and the other processes of the machine.
+USABLE = 0.8
+
+
+def available_host_bytes() -> int | None:
+    """Memory the OS can give this process now (Linux: MemAvailable), or None where it cannot say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_data_size(config) -> None:
+    """A generated data set that cannot fit in memory is one line, before it is generated."""
+    d = config.data
+    if d.name not in ("synthetic_classification", "synthetic_regression"):
+        return  # files are as large as they are; mnist1d and digits are small
+    outputs = d.num_targets if d.name == "synthetic_regression" else 1
+    # inputs, the teacher's hidden layer (64 wide) and outputs, in float32, and a standardised copy
+    need = d.num_samples * (2 * d.num_features + 64 + outputs) * 4
+    have = available_host_bytes()
+    if have is not None and need > USABLE * have:
+        raise UserError(
+            f"data.num_samples={d.num_samples} x data.num_features={d.num_features} makes a data set of "
+            f"about {need / GIB:.1f} GiB, but this machine has {have / GIB:.1f} GiB available; use fewer "
+            "samples or features"
+        )
+
+
+def check_memory(setup: Setup, plan) -> None:
+    """A run whose planned memory cannot fit is one line, before anything is allocated or compiled.
+
+    The plan's bytes per device (state, gradients, activations, batch) are held against what each
+    device has: on simulated CPU devices all of them share the host's memory, with the data set; on
+    accelerators each against its own memory.
+    """
+    per_device = per_device_bytes(plan)
+    devices = setup.strategy.devices
+    data = sum(a.nbytes for a in (setup.dataset.x_train, setup.dataset.y_train))
+    fix = (
+        "use a smaller model, batch or parallel setting (e.g. parallel.staleness), more devices, or a "
+        f"strategy that shards the model ({strategies.names(lambda d: d.shards_parameters)})"
+    )
+    if devices[0].platform == "cpu":
+        have = available_host_bytes()
+        local = sum(d.process_index == devices[0].client.process_index() for d in devices) or len(devices)
+        need = per_device * local + data
+        if have is not None and need > USABLE * have:
+            raise UserError(
+                f"{setup.strategy.name} needs about {need / GIB:.1f} GiB ({per_device / GIB:.2f} GiB on each "
+                f"of {local} simulated devices, which share this machine's memory, and the data set) but "
+                f"{have / GIB:.1f} GiB are available; {fix}"
+            )
+        return
+    stats = devices[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit and per_device > USABLE * limit:
+        raise UserError(
+            f"{setup.strategy.name} needs about {per_device / GIB:.1f} GiB on each {devices[0].device_kind} "
+            f"but each has {limit / GIB:.1f} GiB; {fix}"
+        )
 
 
 def check_processes(config: mlc.ConfigDict, processes: int) -> None:
