@@ -173,6 +173,8 @@ def free_port() -> int:
 
 
 def _describe_exit(code: int) -> str:
+    if code == _HUNG:
+        return "stopped running (hung or stopped, not dead)"
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -240,12 +242,14 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
                     first_failure = (hung[0], _HUNG)
                 deadline = time.monotonic() + grace_s
                 rank, code = first_failure
-                print(
-                    f"bpjax launch: process {rank} {_describe_exit(code)}; waiting up to {grace_s:g} s "
-                    f"for the others to stop",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                # After a signal every process saves and stops at the same step on its own: no news.
+                if code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+                    print(
+                        f"bpjax launch: process {rank} {_describe_exit(code)}; waiting up to {grace_s:g} s "
+                        f"for the others to stop",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             if deadline is not None and time.monotonic() > deadline:
                 print(
                     f"bpjax launch: processes still running after {grace_s:g} s; killing them",

@@ -125,3 +125,22 @@ def test_exception_on_one_process_ends_the_run(root, tmp_path):
     assert "error: the run failed: process 1 exited with code 1; then process 0 aborted" in text
     assert re.search(r"process 0 (aborted \(SIGABRT|exited with code [1-9])", text), text[-2000:]
     assert "killing them" not in text
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_hung_process_is_named_as_the_cause(root, tmp_path, victim):
+    """A process that stops (SIGSTOP) rather than dies: the other aborts through the heartbeat, and the
+    launcher names the hung one, not the one that aborted, then kills it."""
+    proc, err = start(root, tmp_path / "run")
+    metrics = tmp_path / "run/metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 90, proc)
+    err.seek(0)
+    workers = worker_pids(err.read())
+    started = time.monotonic()
+    os.kill(workers[victim], signal.SIGSTOP)
+    code, seconds, text = finish(proc, err, started)
+    assert code != 0 and seconds < BOUND_S
+    assert f"error: the run failed: process {victim} stopped running (hung or stopped, not dead)" in text, (
+        text[-2000:]
+    )
+    assert not any(alive(p) for p in workers)
