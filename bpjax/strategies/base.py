@@ -288,6 +288,14 @@ def over_data(
     )
 
 
+def mean_of_copies(x) -> np.ndarray:
+    """A worker-stacked leaf ``[W, ...]`` on the host: the mean of the workers' copies, accumulated in
+    float64 so that identical copies (right after averaging) come back exactly; an integer leaf (a
+    counter, equal on every worker) is the first copy."""
+    x = np.asarray(jax.device_get(x))
+    return x.mean(0, dtype=np.float64).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else x[0]
+
+
 def data_allreduce(
     inp: CostInput, where: str = "gradients and loss (one fused all-reduce)"
 ) -> list[Collective]:

@@ -48,6 +48,7 @@ from bpjax.strategies.base import (
     Example,
     Strategy,
     local_bytes,
+    mean_of_copies,
     over_data,
     replicated_placement,
 )
@@ -155,16 +156,10 @@ def make(
         )(state.step, state.outer, state.outer_opt, state.params, state.opt_state, batch)
         return DilocoState(new_step, outer, outer_opt, params, opt_state), {"loss": loss}
 
-    def consensus(x):
-        # The mean of the workers' copies, accumulated in float64 so that identical copies come back
-        # exactly; integer leaves (counters) are equal on every worker.
-        x = np.asarray(jax.device_get(x))
-        return x.mean(0, dtype=np.float64).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else x[0]
-
     def gather(state: DilocoState) -> TrainState:
         outer = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state.outer)
         return TrainState(
-            np.asarray(jax.device_get(state.step)), outer, jax.tree.map(consensus, state.opt_state)
+            np.asarray(jax.device_get(state.step)), outer, jax.tree.map(mean_of_copies, state.opt_state)
         )
 
     streaming = f", {P} fragments synced in turn" if P > 1 else ""

@@ -35,6 +35,7 @@ from bpjax.strategies.base import (
     Example,
     Strategy,
     local_bytes,
+    mean_of_copies,
     over_data,
     replicated_placement,
 )
@@ -108,13 +109,8 @@ def make(problem: Problem, mesh: dict, *, local_steps: int) -> Strategy:
         return TrainState(new_step, params, opt_state), {"loss": loss}
 
     def consensus(x):
-        # A worker-stacked leaf becomes the mean of the copies, accumulated in float64 so that
-        # identical copies (right after averaging) come back exactly; others as is.
         stacked = isinstance(x, jax.Array) and x.sharding == per_worker
-        x = np.asarray(jax.device_get(x))
-        if not stacked:
-            return x
-        return x.mean(0, dtype=np.float64).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else x[0]
+        return mean_of_copies(x) if stacked else np.asarray(jax.device_get(x))
 
     def gather(state: TrainState) -> TrainState:
         return jax.tree.map(consensus, state)
