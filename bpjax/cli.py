@@ -15,16 +15,111 @@ A run that stops on a NaN or Inf loss exits with status 3; a failed multi-proces
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
+import math
+import os
+import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from bpjax.errors import OneLineError, UserError, WriteFailed, mute_stderr
+from bpjax.errors import Interrupted, OneLineError, UserError, WriteFailed, mute_stderr
+
+# What a usage error says a missing argument is, and a complete command line for each command.
+_MISSING = {"experiment": "an experiment file", "experiments": "experiment or study files"}
+_EXAMPLES = {
+    "run": "experiments/mnist1d_dp.py",
+    "launch": "--processes 2 experiments/mnist1d_dp.py",
+    "plan": "experiments/mnist1d_tensor.py",
+    "config": "experiments/mnist1d_dp.py",
+    "compare": "experiments/study_sync_async.py",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with every usage error as one line naming the fix: a `UserError`, which `main` prints as
+    ``error: ...`` with exit status 2 (argparse's own usage block and ``sys.exit`` never happen).
+    ``--help`` is unchanged."""
+
+    def error(self, message: str):
+        raise UserError(_usage(self.prog, message))
+
+    def _check_value(self, action, value):
+        # An unknown command or choice names the closest one (argparse lists them all).
+        if action.choices is not None and value not in action.choices:
+            choices = [str(c) for c in action.choices]
+            match = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5)
+            hint = f"did you mean {match[0]!r}?" if match else f"choose one of {', '.join(choices)}"
+            what = "command" if action.dest == "command" else f"value for {'/'.join(action.option_strings)}"
+            raise argparse.ArgumentError(None, f"unknown {what} {value!r}; {hint}")
+        super()._check_value(action, value)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = getattr(self, "commands", {})  # set by `_parser` on the top-level parser
+            raise UserError(_unexpected(commands.get(getattr(parsed, "command", None), self), extras))
+        return parsed
+
+
+def _usage(prog: str, message: str) -> str:
+    """argparse's message, reworded where we know it, with where to read more."""
+    see = f"see {prog} --help"
+    required = re.fullmatch(r"the following arguments are required: (.*)", message)
+    if required:
+        missing = [m.strip() for m in required.group(1).split(",")]
+        if missing == ["command"]:
+            return f"no command given; use one of {', '.join(_EXAMPLES)} ({see})"
+        what = " and ".join(_MISSING.get(m, m) for m in missing)
+        example = _EXAMPLES.get(prog.split()[-1])
+        return f"{prog} needs {what}" + (f", e.g. {prog} {example}" if example else "") + f" ({see})"
+    if message.startswith("unknown "):  # ours, from _check_value
+        return f"{message} ({see})"
+    return f"{prog}: {message} ({see})"
+
+
+def _unexpected(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """Arguments no option took: the first unknown option with the closest known one, or a stray value."""
+    prog, see = parser.prog, f"see {parser.prog} --help"
+    option = next((e for e in extras if e.startswith("-") and len(e) > 1), None)
+    if option is None:
+        return f"{prog} does not take {extras[0]!r} here ({see})"
+    name = option.split("=", 1)[0]
+    known = sorted(parser._option_string_actions)  # noqa: SLF001 -- argparse keeps them only here
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean {match[0]}? " if match else ""
+    return f"unknown option {name} for {prog}; {hint}({see})"
+
+
+def _processes(text: str) -> int:
+    """``--processes``: a whole number, at most one process per simulated device JAX can start."""
+    from bpjax.config import MAX_CPU_DEVICES
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number, got {text!r}") from None
+    if n > MAX_CPU_DEVICES:
+        raise argparse.ArgumentTypeError(f"{n} is more than the {MAX_CPU_DEVICES} devices bpjax can simulate")
+    return n
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"takes a finite number, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bpjax", description="Train BP networks in parallel with JAX.")
+    p = _Parser(prog="bpjax", description="Train BP networks in parallel with JAX.")
     sub = p.add_subparsers(dest="command", required=True)
     commands = {
         "run": "train the network an experiment file describes",
@@ -58,7 +153,10 @@ def _parser() -> argparse.ArgumentParser:
             help="continue the run in --workdir from its latest checkpoint (the strategy may differ)",
         )
     parsers["launch"].add_argument(
-        "--processes", type=int, required=True, help="how many processes (each gets cpu_devices/N devices)"
+        "--processes",
+        type=_processes,
+        required=True,
+        help="how many processes (each gets cpu_devices/N devices)",
     )
     cfg = sub.add_parser("config", help="print an experiment's resolved config, or the schema of every key")
     cfg.add_argument("experiment", nargs="?", help="an experiment file (default: the defaults)")
@@ -83,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field in every run (repeatable)",
     )
     c.add_argument("--workdir", help="output folder (default: runs/compare-YYYYmmdd-HHMMSS)")
-    c.add_argument("--target-loss", type=float, default=0.5, help="loss for the steps-to-target column")
+    c.add_argument("--target-loss", type=_finite, default=0.5, help="loss for the steps-to-target column")
     parsers["plan"].add_argument(
         "--compiled",
         action="store_true",
@@ -94,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan as one JSON object (bytes per device and per training step)",
     )
+    p.commands = {**parsers, "config": cfg, "compare": c}
     return p
 
 
@@ -140,7 +239,7 @@ def _run(args) -> int:
 def _launch(args) -> int:
     """Check everything in this process, then start the workers: bad input never starts a process."""
     from bpjax import config as cfg_lib
-    from bpjax import distributed
+    from bpjax import devices, distributed
     from bpjax.preflight import check_multi_process, check_output, check_processes, prepare
 
     n = args.processes
@@ -151,6 +250,21 @@ def _launch(args) -> int:
         raise UserError(
             "bpjax launch starts its own processes; inside a SLURM/MPI job use bpjax run in each task"
         )
+    total = config.parallel.cpu_devices
+    if total:
+        # The user's explicit XLA_FLAGS count wins (with a warning) and is passed on as config; the
+        # workers must then simulate their share of it, not an inherited flag's count each.
+        wanted = devices.cpu_device_count(total)
+        if wanted != total:
+            args.overrides = [*args.overrides, f"parallel.cpu_devices={wanted}"]
+            config = cfg_lib.load(args.experiment, args.overrides)
+    env = dict(os.environ)
+    if config.parallel.cpu_devices:
+        flags = devices.without_forced_cpu_devices(env.get("XLA_FLAGS", ""))
+        if flags:
+            env["XLA_FLAGS"] = flags
+        else:
+            env.pop("XLA_FLAGS", None)
     check_processes(config, n)
     workdir = _workdir(args, config)
     setup = prepare(config)  # the same checks every worker makes, over all cpu_devices in one process
@@ -160,7 +274,7 @@ def _launch(args) -> int:
     worker += [f"--set={o}" for o in args.overrides]
     worker += ["--overwrite"] * args.overwrite + ["--resume"] * args.resume
     grace = 2 * setup.config.distributed.heartbeat_timeout_s + 5
-    return distributed.launch(worker, n, grace)
+    return distributed.launch(worker, n, grace, env=env)
 
 
 def _plan(args) -> int:
@@ -210,15 +324,43 @@ def _compare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        commands = {"run": _run, "launch": _launch, "plan": _plan, "config": _config, "compare": _compare}
-        return commands[args.command](args)
+        args = _parser().parse_args(argv)
+    except UserError as e:  # a usage error: one line, like any other bad input
+        print(f"{e.prefix}: {e}", file=sys.stderr)
+        return e.exit_code
+    commands = {"run": _run, "launch": _launch, "plan": _plan, "config": _config, "compare": _compare}
+    try:
+        with _stop_on_signals():
+            return commands[args.command](args)
     except OneLineError as e:
         print(f"{e.prefix}: {e}", file=sys.stderr)
         if isinstance(e, WriteFailed):
             mute_stderr()  # the libraries' own reports of the same failure, as the process exits
         return e.exit_code
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT or SIGTERM before (or outside) a training loop, which catches them itself to save a
+    checkpoint: one line and 130 or 143, not a traceback or a silent death."""
+
+    def handler(signum, _frame):
+        raise Interrupted(
+            f"{signal.Signals(signum).name} before training started; no checkpoint was saved", signum
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:  # a second Ctrl-C inside a loop that already caught the first
+        raise Interrupted("SIGINT; stopped at once", signal.SIGINT) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def run_experiment_file(path: str) -> None:

@@ -28,13 +28,7 @@ def load_runs(paths: list[str], overrides: list[str]) -> dict[str, mlc.ConfigDic
     """Run name -> validated config, from experiment and study files (names must be unique)."""
     runs: dict[str, mlc.ConfigDict] = {}
     for path in paths:
-        p = Path(path)
-        module = cfg_lib.load_module(p)
-        if hasattr(module, "get_configs"):
-            found = dict(module.get_configs())
-        else:
-            found = {p.stem: cfg_lib.from_file(p)}
-        for name, c in found.items():
+        for name, c in cfg_lib.from_study(path).items():
             if name in runs:
                 raise UserError(f"two runs are named {name!r}; give each run in a comparison its own name")
             c = cfg_lib.apply_overrides(cfg_lib.merge_into_default(c, source=f"{path}:{name}"), overrides)

@@ -22,12 +22,16 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import ml_collections as mlc
+import numpy as np
 
-from bpjax.errors import UserError
+from bpjax.errors import UserError, one_line
 from bpjax.schema import Bool, Choice, Float, Int, Ints, Setting, Str
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu", "elu", "leaky_relu", "identity")
@@ -55,6 +59,14 @@ LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lamb", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "exponential")
 MAX_SEED = 2**31 - 1
+# Every whole number in a config must fit JAX's default integer (int32): step counters, schedules and
+# intervals reach traced code, where a larger Python int fails mid-run (checked for every key in
+# `validate`, the strategies' settings included).
+MAX_INT = 2**31 - 1
+# Simulated CPU devices: JAX's start-up grows fast with the count (measured with JAX 0.10 on 2 cores: 1024
+# devices start in 2 s and train mnist1d_dp in 35 s; 4096 start in 11 s, 8192 in 73 s, 16384 in more
+# than 200 s, and 100000 never finished).
+MAX_CPU_DEVICES = 1024
 
 # The schema: every key but the strategies' own (``parallel.*`` from their declarations, added by
 # `default`) and ``parallel.mesh`` (an open set of axes, checked below).
@@ -103,7 +115,12 @@ SCHEMA: dict[str, Any] = {
         ),
         "activation": Choice("relu", ACTIVATIONS, "the nonlinearity after every hidden layer"),
         "dtype": Choice("float32", DTYPES, "computation dtype"),
-        "param_dtype": Choice("float32", DTYPES, "dtype of the parameters"),
+        "param_dtype": Choice(
+            "auto",
+            ("auto", *DTYPES),
+            "dtype of the parameters and optimizer state; auto: float64 when model.dtype is float64, "
+            "else float32",
+        ),
         "kernel_init": Choice("lecun_normal", INITS, "initialiser of the kernels"),
         "bias_init": Choice("zeros", INITS, "initialiser of the biases"),
     },
@@ -151,7 +168,12 @@ SCHEMA: dict[str, Any] = {
     "parallel": {
         "strategy": Str("single", "the strategy (see docs/strategies.md)"),
         "cpu_devices": Int(
-            0, "> 0: simulate this many CPU devices (set before JAX starts); 0 leaves JAX's default", min=0
+            0,
+            "> 0: simulate this many CPU devices (set before JAX starts; an explicit "
+            "--xla_force_host_platform_device_count in XLA_FLAGS wins); 0 leaves JAX's default",
+            min=0,
+            max=MAX_CPU_DEVICES,
+            note="more take JAX minutes to start",
         ),
         "memory_budget_mb": Float(
             0.0, "> 0: refuse layouts whose planned bytes per device exceed this", min=0
@@ -215,8 +237,8 @@ def parse_value(text: str) -> Any:
 
 
 def _closest(word: str, choices) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; known keys: {', '.join(sorted(choices))}"
+    match = difflib.get_close_matches(word, list(dict.fromkeys(choices)), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else "; bpjax config --schema lists every key"
 
 
 def _all_keys(c: mlc.ConfigDict, prefix: str = "") -> list[str]:
@@ -228,8 +250,26 @@ def _all_keys(c: mlc.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (``np.int64(3)``, from an experiment file's arithmetic) as their Python values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return type(value)(v.item() if isinstance(v, np.generic) else v for v in value)
+    return value
+
+
+def _kind(value: Any) -> str:
+    """What a value is, as a user would say it: "a whole number", "a number", "a string"."""
+    kinds = {bool: "True or False", int: "a whole number", float: "a number", str: "a string"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
 def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
     """Set ``a.b.c`` on a locked config, with a one-line error for unknown keys or wrong types."""
+    value = _plain(value)
+    if not dotted:
+        raise UserError(f"--set ={value!r} names no key; give key=value, e.g. --set train.steps=100")
     parts = dotted.split(".")
     node = c
     for i, part in enumerate(parts):
@@ -250,6 +290,8 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
         raise UserError(
             f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(old.keys()))}"
         )
+    if value is None:  # ml_collections would take None for any field; no key has None among its values
+        raise UserError(f"{dotted}=None is not a value; give {_kind(old)} like {old!r}")
     if isinstance(old, tuple) and not isinstance(value, list | tuple):
         value = (value,)
     if isinstance(old, tuple):
@@ -265,7 +307,7 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
     try:
         with node.unlocked():
             node[key] = value
-    except TypeError:
+    except (TypeError, ValueError, OverflowError):  # ValueError, OverflowError: an int too big for a float
         raise UserError(
             f"{dotted} must be of type {type(old).__name__} (like {old!r}), got {value!r}"
         ) from None
@@ -283,41 +325,159 @@ def apply_overrides(c: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
     return c
 
 
-def load_module(path: str | Path):
-    """Import an experiment or study file; a missing file or one that fails to run is one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"experiment file {str(path)!r} not found; pass a path such as experiments/mnist1d_dp.py"
+def _user_file(path: str | Path, what: str) -> Path:
+    """``path`` (``~`` expanded) if it names a readable regular file; else a one-line error naming it."""
+    text = str(path)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        inside = sorted(p.glob("*.py"))
+        hint = f", e.g. {inside[0]}" if inside else ""
+        raise UserError(f"{what} {text!r} is a folder; pass one .py file{hint}")
+    if not p.exists():
+        near = []
+        if p.parent.is_dir():
+            near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {str(p.parent / near[0])!r}?"
+            if near
+            else "pass a path such as experiments/mnist1d_dp.py"
         )
-    spec = importlib.util.spec_from_file_location(f"bpjax_experiment_{path.stem}", path)
+        raise UserError(f"{what} {text!r} not found; {hint}")
+    if text.endswith(("/", "\\")):
+        raise UserError(f"{what} {text!r} ends with a slash but is a file; remove the trailing slash")
+    if not p.is_file():
+        raise UserError(f"{what} {text!r} is not a regular file; pass a .py file")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{what} {text!r} cannot be read (permission denied); make it readable (chmod +r)")
+    return p
+
+
+def _failure(e: BaseException, path: Path) -> str:
+    """``NameError: name 'x' is not defined (line 5)``: an exception raised by a user's file, in one
+    line, with the line of that file it came from when the traceback passes through it."""
+    line = None
+    tb = e.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    if isinstance(e, SyntaxError) and Path(e.filename or "").resolve() == path.resolve():
+        line, text = e.lineno, e.msg
+    else:
+        text = str(e)
+    where = f" (line {line})" if line else ""
+    return f"{type(e).__name__}: {one_line(text)}{where}" if text else f"{type(e).__name__}{where}"
+
+
+def load_module(path: str | Path):
+    """Import an experiment or study file; a file that is missing, not Python, or fails to run is one
+    line naming it and the fix."""
+    p = _user_file(path, "experiment file")
+    if p.suffix != ".py":
+        hint = " (a run's config.json is not an experiment)" if p.suffix == ".json" else ""
+        raise UserError(
+            f"experiment file {str(path)!r} is not a .py file{hint}; an experiment is a Python file whose "
+            "get_config() returns bpjax.config.default() with fields changed"
+        )
+    try:
+        p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"experiment file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise UserError(f"experiment file {str(path)!r} cannot be read ({one_line(e)})") from None
+    spec = importlib.util.spec_from_file_location(f"bpjax_experiment_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except UserError:
         raise
+    except SystemExit as e:
+        raise UserError(
+            f"experiment file {path} exits while it loads (SystemExit({e.code!r})); put script code "
+            "under if __name__ == '__main__':"
+        ) from None
     except Exception as e:  # the user's file: say where it broke, in one line
-        raise UserError(f"experiment file {path} failed to load: {type(e).__name__}: {e}") from e
+        raise UserError(f"experiment file {path} failed to load: {_failure(e, p)}") from e
     return module
+
+
+def _call(path, module, name: str):
+    """``module.NAME()``, the user's function, with every way it can fail as one line naming the file."""
+    fn = getattr(module, name)
+    if not callable(fn):
+        raise UserError(
+            f"{path}: {name} must be a function, found {type(fn).__name__}; define def {name}(): "
+            "returning bpjax.config.default() with fields changed"
+        )
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    required = [
+        q.name for q in params if q.default is q.empty and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)
+    ]
+    if required:
+        raise UserError(
+            f"{path}: {name}() must take no arguments, but requires {', '.join(required)}; "
+            "give them defaults or remove them"
+        )
+    try:
+        return fn()
+    except UserError:
+        raise
+    except SystemExit as e:
+        raise UserError(f"{path}: {name}() exits (SystemExit({e.code!r})); return instead") from None
+    except Exception as e:
+        raise UserError(f"{path}: {name}() failed: {_failure(e, Path(str(path)).expanduser())}") from e
+
+
+def _config(path, what: str, c) -> mlc.ConfigDict:
+    if not isinstance(c, mlc.ConfigDict):
+        raise UserError(
+            f"{path}: {what} returned {type(c).__name__}, not an ml_collections.ConfigDict; "
+            "return bpjax.config.default() with fields changed"
+        )
+    return c
 
 
 def from_file(path: str | Path) -> mlc.ConfigDict:
     """The raw ``get_config()`` of an experiment file, so that one experiment can build on another."""
-    path = Path(path)
     module = load_module(path)
     if not hasattr(module, "get_config"):
+        if hasattr(module, "get_configs"):
+            raise UserError(
+                f"{path} is a study file (get_configs(): several runs); run it with bpjax compare {path}"
+            )
         raise UserError(
             f"experiment file {path} has no get_config(); define one returning bpjax.config.default()"
         )
-    c = module.get_config()
-    if not isinstance(c, mlc.ConfigDict):
-        raise UserError(
-            f"{path}: get_config() must return an ml_collections.ConfigDict (start from bpjax.config.default())"
-        )
+    c = _config(path, "get_config()", _call(path, module, "get_config"))
     if not c.get("name"):
         with c.unlocked():
-            c.name = path.stem
+            c.name = Path(str(path)).expanduser().stem
     return c
+
+
+def from_study(path: str | Path) -> dict[str, mlc.ConfigDict]:
+    """The raw ``get_configs()`` of a study file (run name -> config), checked like `from_file`."""
+    module = load_module(path)
+    if not hasattr(module, "get_configs"):
+        return {Path(str(path)).expanduser().stem: from_file(path)}
+    runs = _call(path, module, "get_configs")
+    if not isinstance(runs, dict) or not runs:
+        raise UserError(
+            f"{path}: get_configs() returned {type(runs).__name__}"
+            + (" with no runs" if isinstance(runs, dict) else "")
+            + "; return a dict of run name -> config, e.g. {'sync': config_a, 'async': config_b}"
+        )
+    for name, c in runs.items():
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{path}: get_configs() names a run {name!r}; run names are non-empty strings")
+        _config(path, f"get_configs()[{name!r}]", c)
+    return runs
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> mlc.ConfigDict:
@@ -363,14 +523,41 @@ def _get(c: mlc.ConfigDict, dotted: str):
     return c
 
 
+def _check_int_size(key: str, setting: Setting, value: Any) -> None:
+    """Whole numbers must fit JAX's int32 (`MAX_INT`), whatever their declared range."""
+    if not (setting.item == "int" or (type(setting.default) is int and not setting.choices)):
+        return
+    for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+        if isinstance(v, int) and not -MAX_INT - 1 <= v <= MAX_INT:
+            where = f"{key}[{i}]" if isinstance(value, tuple) else key
+            raise UserError(
+                f"{where}={v} is out of range: whole numbers in a config must fit in 32 bits "
+                f"(between -2**31 and 2**31 - 1 = {MAX_INT})"
+            )
+
+
+def _check_name(name: str) -> None:
+    """The run's name becomes a folder name (``runs/NAME-TIME``): one path component, printable."""
+    bad = any(ch in name for ch in "/\\") or name.startswith(".") or not name.isprintable() or len(name) > 100
+    if bad:
+        safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).lstrip("._")[:100] or "run"
+        raise UserError(
+            f"name={name!r} must work as a folder name (no slashes, not starting with '.', printable, at most "
+            f"100 characters); e.g. name={safe!r}"
+        )
+
+
 def validate(c: mlc.ConfigDict) -> None:
     """Checks that need no data and no devices: every key against its declared range, then the checks
     across keys. Data and device checks happen where those are known."""
     from bpjax import strategies
 
     for key, setting in schema().items():
-        setting.check(key, _get(c, key))
+        value = _get(c, key)
+        setting.check(key, value)
+        _check_int_size(key, setting, value)
     strategies.get(c.parallel.strategy)
+    _check_name(c.name)
     t = c.train
     warmup = c.optimizer.warmup_steps
     if warmup and warmup >= t.steps:
@@ -390,7 +577,12 @@ def validate(c: mlc.ConfigDict) -> None:
         raise UserError(
             "train.loss=cross_entropy needs class labels; synthetic_regression needs train.loss=mse"
         )
+    known = sorted({a for d in strategies.REGISTRY.values() for a in d.axes})
     for axis, size in c.parallel.mesh.items():
+        if axis not in known:
+            match = difflib.get_close_matches(axis, known, n=1, cutoff=0.5)
+            hint = f"did you mean parallel.mesh.{match[0]}?" if match else f"the axes are {', '.join(known)}"
+            raise UserError(f"parallel.mesh.{axis}: no strategy lays out over an axis named {axis!r}; {hint}")
         if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
             raise UserError(
                 f"parallel.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)"
@@ -418,7 +610,8 @@ def reference_markdown() -> str:
         "",
         "An experiment file's `get_config()` returns `bpjax.config.default()` with some keys changed; "
         "`--set KEY=VALUE` changes one more (values are Python literals). Every value is checked against "
-        "the range below before anything is compiled or written. `parallel.mesh` maps mesh axes to sizes "
+        "the range below before anything is compiled or written; whole numbers must also fit in 32 bits "
+        "(below 2**31). `parallel.mesh` maps mesh axes to sizes "
         "(`-1`: all remaining devices); each strategy's own settings are listed with the strategies that "
         "read them.",
     ]

@@ -1,42 +1,89 @@
 """Devices and meshes.
 
 The number of CPU devices is fixed when JAX's backend starts (the first array op, not ``import jax``).
-`use_cpu_devices` sets it before that moment and refuses, with the fix, once it is too late. Meshes are
+`use_cpu_devices` sets it before that moment and refuses, with the fix, once it is too late; a count
+the user set explicitly with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` wins over the
+config's (`cpu_device_count`, the one place that decides). Meshes are
 built from ``{axis: size}`` dicts where one size may be -1, "all remaining devices" (as in MaxText).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
 
-from bpjax.errors import UserError
+from bpjax.errors import UserError, warn
+
+FORCE_FLAG = "--xla_force_host_platform_device_count"
+_FORCE = re.compile(rf"(?:^|\s){FORCE_FLAG}=(\S*)")
 
 
-def use_cpu_devices(n: int) -> None:
+def forced_cpu_devices(xla_flags: str | None = None) -> int | None:
+    """The CPU device count an explicit ``--xla_force_host_platform_device_count=N`` in ``XLA_FLAGS``
+    (default: this process's environment) sets, or None. The last one counts, as in XLA; a value XLA
+    would crash on is a one-line error."""
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    found = _FORCE.findall(flags)
+    if not found:
+        return None
+    text = found[-1]
+    from bpjax.config import MAX_CPU_DEVICES
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CPU_DEVICES:
+        raise UserError(
+            f"XLA_FLAGS has {FORCE_FLAG}={text}; give a whole number in [1, {MAX_CPU_DEVICES}] or remove it"
+        )
+    return int(text)
+
+
+def without_forced_cpu_devices(xla_flags: str) -> str:
+    """``xla_flags`` without any ``--xla_force_host_platform_device_count``: for processes that must
+    simulate the count they are told (e.g. the workers of ``bpjax launch``), not an inherited one."""
+    return " ".join(_FORCE.sub(" ", xla_flags).split())
+
+
+def cpu_device_count(n: int) -> int:
+    """How many CPU devices to simulate when ``n`` are asked for: ``n``, unless ``XLA_FLAGS`` sets
+    another count explicitly; then the user's flag wins, with a one-line warning naming both."""
+    forced = forced_cpu_devices()
+    if forced is not None and forced != n:
+        warn(
+            f"XLA_FLAGS sets {FORCE_FLAG}={forced}, which wins over the {n} CPU devices asked for "
+            f"(parallel.cpu_devices); remove the flag or set parallel.cpu_devices={forced} to silence this"
+        )
+        return forced
+    return n
+
+
+def use_cpu_devices(n: int) -> int:
     """Simulate ``n`` CPU devices. Call before any JAX computation; a no-op if JAX already has ``n``.
+    Returns the count simulated: an explicit count in ``XLA_FLAGS`` wins (`cpu_device_count`).
 
     On a machine with an accelerator this only changes the CPU platform, which strategies do not use.
     """
     if n < 1:
         raise UserError(f"cpu_devices={n} must be >= 1")
+    n = cpu_device_count(n)
     try:
         # JAX refuses this option once its backends exist; that refusal is how we detect "too late"
         # without reaching into JAX's private modules.
         jax.config.update("jax_num_cpu_devices", n)
-        return
+        return n
     except RuntimeError:
         pass
     if jax.default_backend() != "cpu":
-        return
+        return n
     have = len(jax.devices("cpu"))
     if have != n:
         raise UserError(
             f"JAX already started with {have} CPU devices and cannot switch to {n} in this process; "
             f"call bpjax.use_cpu_devices({n}) before any JAX work, or run in a fresh process (bpjax run)"
         )
+    return n
 
 
 def mesh_axes(mesh_cfg: Mapping[str, int], axes: Sequence[str], strategy: str) -> dict[str, int]:
@@ -78,11 +125,14 @@ def resolve_mesh_shape(axes: Mapping[str, int], num_devices: int) -> dict[str, i
         axes[free[0]] = num_devices // fixed
     need = math.prod(axes.values())
     if need > num_devices:
-        hint = (
-            f"set parallel.cpu_devices={need} to simulate them"
-            if jax.default_backend() == "cpu"
-            else "use a smaller mesh"
-        )
+        hint = "use a smaller mesh"
+        if jax.default_backend() == "cpu":
+            forced = forced_cpu_devices()
+            hint = (
+                f"set parallel.cpu_devices={need} to simulate them"
+                if forced is None
+                else f"set {FORCE_FLAG}={need} in XLA_FLAGS (it wins over parallel.cpu_devices) or remove it"
+            )
         raise UserError(f"parallel.mesh {axes} needs {need} devices but {num_devices} are present; {hint}")
     return axes
 

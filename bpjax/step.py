@@ -9,15 +9,19 @@ so that the only difference between strategies is where arrays live and how part
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from bpjax.errors import UserError
 from bpjax.models import MLP, logical_axes
+from bpjax.models.mlp import resolve_param_dtype
 
 Params = Any
 Batch = dict[str, jax.Array]
@@ -56,8 +60,14 @@ class Problem:
         params = self.model.init(key, x)["params"]
         return TrainState(jnp.zeros((), jnp.int32), params, self.tx.init(params))
 
+    @property
+    def loss_dtype(self):
+        """The dtype losses are computed in: the model's, promoted to at least float32 (bfloat16 and
+        float16 -> float32, float64 stays float64)."""
+        return jnp.promote_types(jnp.dtype(self.model.dtype), jnp.float32)
+
     def predict(self, params: Params, x_BxD: jax.Array) -> jax.Array:
-        return self.model.apply({"params": params}, x_BxD).astype(jnp.float32)
+        return self.model.apply({"params": params}, x_BxD).astype(self.loss_dtype)
 
     def loss_fn(self, params: Params, batch: Batch) -> jax.Array:
         """Mean loss over the batch (so a mean of equal-sized shard means is the global mean)."""
@@ -173,9 +183,37 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
     return tx
 
 
+_X64_OURS = False  # whether `use_x64` turned JAX's 64-bit mode on (then it may turn it off again)
+
+
+def use_x64(needed: bool) -> None:
+    """Turn JAX's 64-bit mode on for a float64 model, and off again for the next problem if it was us
+    who turned it on (``bpjax compare`` or a notebook may build float32 and float64 problems in turn).
+
+    JAX creates float64 arrays only in this mode (otherwise it silently truncates them to float32). It
+    is a switch JAX reads when it traces, not when its backend starts: it may be flipped at any time
+    (checked with JAX 0.10: arrays made before stay as they are, new ones follow the switch, and
+    compiled programs are cached per setting), so `make_problem` sets it, before the run's first array.
+    A user's own ``JAX_ENABLE_X64=1`` is left alone.
+    """
+    global _X64_OURS
+    on = bool(jax.config.jax_enable_x64)
+    if needed and not on:
+        jax.config.update("jax_enable_x64", True)
+        _X64_OURS = True
+    elif not needed and on and _X64_OURS:
+        jax.config.update("jax_enable_x64", False)
+        _X64_OURS = False
+
+
 def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
-    """The `Problem` a config describes, for data of ``input_dim`` features and ``num_outputs`` outputs."""
+    """The `Problem` a config describes, for data of ``input_dim`` features and ``num_outputs`` outputs.
+
+    A float64 model (``model.dtype`` or ``model.param_dtype``) turns on JAX's 64-bit mode (`use_x64`).
+    """
     m = config.model
+    use_x64("float64" in (m.dtype, resolve_param_dtype(m.dtype, m.param_dtype)))
+    _check_size(config, input_dim, num_outputs)
     model = MLP(
         widths=(*m.hidden, num_outputs),
         activation=m.activation,
@@ -189,6 +227,25 @@ def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
         # A step whose gradients hold a NaN or Inf changes nothing (optax counts it in the state); the
         # loop stops after train.max_skipped such steps in a row, before this would apply one anyway.
         tx = optax.apply_if_finite(
-            tx, max_consecutive_errors=config.train.max_skipped + config.train.sync_every
+            tx, max_consecutive_errors=min(config.train.max_skipped + config.train.sync_every, 2**31 - 1)
         )
     return Problem(model, tx, config.train.loss, input_dim)
+
+
+def _check_size(config, input_dim: int, num_outputs: int) -> None:
+    """A network whose parameters alone exceed this machine's memory is refused before anything is
+    allocated (``parallel.memory_budget_mb`` checks a layout's bytes per device against a budget)."""
+    m = config.model
+    widths = (input_dim, *m.hidden, num_outputs)
+    count = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    nbytes = count * np.dtype(resolve_param_dtype(m.dtype, m.param_dtype)).itemsize
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        net = "-".join(map(str, widths))
+        raise UserError(
+            f"a {net} network has {count:,} parameters ({nbytes / 2**30:.1f} GiB), more than this machine's "
+            f"{total / 2**30:.1f} GiB of memory; use smaller model.hidden widths"
+        )

@@ -77,3 +77,15 @@ def test_bad_input_exit_code_in_a_fresh_process(root, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "error: unknown config key 'train.setps'; did you mean 'train.steps'?"
     assert not (tmp_path / "r").exists()
+
+
+def test_usage_errors_are_one_line_and_help_still_works():
+    """argparse's usage block becomes one ``error:`` line naming the fix; ``--help`` is unchanged."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    bpjax = [sys.executable, "-m", "bpjax"]
+    out = subprocess.run([*bpjax, "rnu", "x.py"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2
+    assert out.stderr == "error: unknown command 'rnu'; did you mean 'run'? (see bpjax --help)\n"
+    assert out.stdout == ""
+    out = subprocess.run([*bpjax, "run", "--help"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and out.stdout.startswith("usage: bpjax run") and out.stderr == ""

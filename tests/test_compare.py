@@ -79,3 +79,19 @@ def test_duplicate_run_names(root):
     path = str(root / "experiments/mnist1d_dp.py")
     with pytest.raises(UserError, match="two runs are named 'mnist1d_dp'"):
         load_runs([path, path], [])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("def get_configs():\n    raise KeyError('x')\n", "get_configs() failed"),
+        ("def get_configs():\n    return [1, 2]\n", "get_configs() returned list"),
+        ("def get_configs():\n    return {}\n", "with no runs"),
+    ],
+)
+def test_a_broken_study_file_is_one_line(tmp_path, body, message):
+    study = tmp_path / "study.py"
+    study.write_text(body)
+    with pytest.raises(UserError) as e:
+        load_runs([str(study)], [])
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -190,9 +190,9 @@ def test_bad_data_files_name_the_problem(tmp_path):
     np.savez(tmp_path / "float.npz", x=np.ones((10, 2)), y=np.linspace(0, 1, 10))
     cases.append((data_cfg(name="npz", path=str(tmp_path / "float.npz")), "set data.task=regression"))
     (tmp_path / "ragged.csv").write_text("1,2,3\n4,5\n")
-    cases.append((data_cfg(name="csv", path=str(tmp_path / "ragged.csv")), "row 2 has 2 columns"))
+    cases.append((data_cfg(name="csv", path=str(tmp_path / "ragged.csv")), "line 2 has 2 columns"))
     (tmp_path / "text.csv").write_text("a,b\n1,2\nx,3\n")
-    cases.append((data_cfg(name="csv", path=str(tmp_path / "text.csv")), "row 2 is not numeric"))
+    cases.append((data_cfg(name="csv", path=str(tmp_path / "text.csv")), "line 3, column 1 holds 'x'"))
     (tmp_path / "bad.idx").write_bytes(b"\x01\x02\x03\x04")
     cases.append(
         (
@@ -209,3 +209,76 @@ def test_bad_data_files_name_the_problem(tmp_path):
         with pytest.raises(UserError) as e:
             data.load(cfg, seed=0)
         assert message in str(e.value), (message, str(e.value))
+
+
+def test_csv_with_a_byte_order_mark_equals_the_same_file_without(tmp_path):
+    """Spreadsheet programs write UTF-8 with a byte-order mark; it must not eat the first example."""
+    rows = "".join(f"{i},{(i * 7) % 5},{i % 3}\n" for i in range(30))
+    (tmp_path / "plain.csv").write_text(rows, encoding="utf-8")
+    (tmp_path / "bom.csv").write_text(rows, encoding="utf-8-sig")
+    assert (tmp_path / "bom.csv").read_bytes().startswith(b"\xef\xbb\xbf")
+    plain = data.load(data_cfg(name="csv", path=str(tmp_path / "plain.csv")), seed=0)
+    bom = data.load(data_cfg(name="csv", path=str(tmp_path / "bom.csv")), seed=0)
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(bom, field), getattr(plain, field))
+    assert len(bom.x_train) + len(bom.x_test) == 30
+    x, y = data.read_csv(str(tmp_path / "bom.csv"))
+    assert x[0].tolist() == [0, 0] and y[0] == 0
+
+
+def test_csv_messages_count_lines_as_an_editor_does(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,label\n\n1,2,0\n3,4,1\n5,oops,0\n")
+    with pytest.raises(UserError, match=r"line 5, column 2 holds 'oops', not a number"):
+        data.read_csv(str(tmp_path / "d.csv"))
+
+
+def test_idx_gzip_is_recognised_by_content(tmp_path):
+    labels = np.arange(12, dtype=np.uint8) % 3
+    write_idx(tmp_path / "labels-compressed", labels, gz=True)  # gzip without .gz
+    write_idx(tmp_path / "labels.gz", labels)  # .gz that is not compressed
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "labels-compressed")), labels)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / "labels.gz")), labels)
+
+
+def test_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    np.savez(tmp_path / "d.npz", x=np.arange(20.0).reshape(10, 2), y=np.arange(10) % 2)
+    ds = data.load(data_cfg(name="npz", path="~/d.npz"), seed=0)
+    assert len(ds.x_train) + len(ds.x_test) == 10
+
+
+def test_class_labels(tmp_path):
+    x = np.random.default_rng(0).normal(size=(30, 2))
+
+    def load(y, **kw):
+        np.savez(tmp_path / "l.npz", x=x, y=y)
+        return data.load(data_cfg(name="npz", path=str(tmp_path / "l.npz"), **kw), seed=0)
+
+    assert load(np.array([0, 5, 9] * 10)).num_outputs == 10  # classes may be missing from the data
+    column = load((np.arange(30) % 2)[:, None])  # a column of labels
+    assert column.y_train.ndim == 1 and column.num_outputs == 2
+    assert load(np.array([0, 1000] * 15)).num_outputs == 1001  # up to 1024 outputs, however sparse
+    with pytest.raises(UserError, match="2 distinct labels but the largest is 5000"):
+        load(np.array([0, 5000] * 15))
+    with pytest.raises(UserError, match="found negative labels"):
+        load(np.arange(30) % 3 - 1)
+    with pytest.raises(UserError, match="all labels are class 4"):
+        load(np.full(30, 4))
+    reg = load(np.linspace(0, 1, 30), task="regression")
+    assert reg.y_train.shape[1] == 1 and reg.y_train.dtype == np.float32
+
+
+def test_generated_data_is_checked_against_memory_first(monkeypatch):
+    monkeypatch.setattr(data, "_memory_bytes", lambda: 2**20)
+    with pytest.raises(
+        UserError, match=r"data.num_samples=5000, data.num_features=32 and data.num_classes=10"
+    ):
+        data.load(data_cfg(name="synthetic_classification"), seed=0)
+    with pytest.raises(UserError, match="more than this machine's 0.0 GiB of memory; lower them"):
+        data.load(data_cfg(name="synthetic_regression"), seed=0)
+
+
+def test_label_noise_is_a_share():
+    with pytest.raises(UserError, match=r"data.noise=1.5 is the share of labels redrawn"):
+        data.load(data_cfg(name="synthetic_classification", noise=1.5), seed=0)
+    assert data.load(data_cfg(name="synthetic_regression", noise=1.5), seed=0).task == "regression"

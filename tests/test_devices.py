@@ -1,14 +1,22 @@
+import os
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from bpjax.devices import make_mesh, resolve_mesh_shape, use_cpu_devices
+from bpjax.devices import (
+    forced_cpu_devices,
+    make_mesh,
+    resolve_mesh_shape,
+    use_cpu_devices,
+    without_forced_cpu_devices,
+)
 from bpjax.errors import UserError
 
 
-def test_resolve_mesh_shape():
+def test_resolve_mesh_shape(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS")
     assert resolve_mesh_shape({"data": -1}, 8) == {"data": 8}
     assert resolve_mesh_shape({"data": 2, "model": -1}, 8) == {"data": 2, "model": 4}
     assert resolve_mesh_shape({"data": 4}, 8) == {"data": 4}
@@ -16,6 +24,9 @@ def test_resolve_mesh_shape():
         resolve_mesh_shape({"data": 16}, 8)
     with pytest.raises(UserError, match="8 is not divisible by 3"):
         resolve_mesh_shape({"data": 3, "model": -1}, 8)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    with pytest.raises(UserError, match=r"set --xla_force_host_platform_device_count=16 in XLA_FLAGS"):
+        resolve_mesh_shape({"data": 16}, 8)
 
 
 def test_make_mesh_uses_auto_axes():
@@ -24,7 +35,8 @@ def test_make_mesh_uses_auto_axes():
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
 
-def test_cpu_devices_cannot_change_after_start():
+def test_cpu_devices_cannot_change_after_start(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS")  # conftest's flag would win over the 4 asked for (tested below)
     use_cpu_devices(8)  # what conftest forced: fine
     with pytest.raises(UserError, match="JAX already started with 8 CPU devices and cannot switch to 4"):
         use_cpu_devices(4)
@@ -36,3 +48,46 @@ def test_cpu_devices_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
+
+
+FLAG = "--xla_force_host_platform_device_count"
+
+
+def test_the_device_count_flag_is_read_and_stripped():
+    assert forced_cpu_devices("") is None
+    assert forced_cpu_devices(f"--xla_cpu_foo=1 {FLAG}=8") == 8
+    assert forced_cpu_devices(f"{FLAG}=8 {FLAG}=6") == 6  # the last one counts, as in XLA
+    for bad in ("abc", "0", "-3", "", "100000"):
+        with pytest.raises(UserError, match=f"XLA_FLAGS has {FLAG}={bad}; give a whole number in"):
+            forced_cpu_devices(f"{FLAG}={bad}")
+    assert without_forced_cpu_devices(f"--a=1 {FLAG}=8 --b {FLAG}=2") == "--a=1 --b"
+    assert without_forced_cpu_devices(f"{FLAG}=8") == ""
+
+
+def test_an_agreeing_flag_says_nothing(monkeypatch, capsys):
+    monkeypatch.setenv("XLA_FLAGS", f"{FLAG}=8")
+    assert use_cpu_devices(8) == 8
+    assert capsys.readouterr().err == ""
+
+
+def test_an_explicit_device_flag_wins_in_a_fresh_process(root, tmp_path):
+    """``XLA_FLAGS=...=6 bpjax run EXP`` where EXP asks for 8 devices: 6 devices, one warning line
+    naming both, and a mesh that needs 8 then fails with the usual one-line error."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{FLAG}=6"}
+    code = "import bpjax, jax; print(bpjax.use_cpu_devices(8), len(jax.devices()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["6", "6"]
+    assert out.stderr.startswith("warning: ") and out.stderr.count("\n") == 1, out.stderr
+    assert f"XLA_FLAGS sets {FLAG}=6, which wins over the 8 CPU devices asked for" in out.stderr
+    cmd = [sys.executable, "-m", "bpjax", "run", str(root / "experiments/mnist1d_dp.py")]
+    cmd += ["--set", "parallel.mesh.data=8", "--workdir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stderr
+    warning, error = out.stderr.splitlines()
+    assert (
+        warning.startswith("warning: XLA_FLAGS sets") and "=6" in warning and "the 8 CPU devices" in warning
+    )
+    assert error.startswith("error: parallel.mesh {'data': 8} needs 8 devices but 6 are present"), error
+    assert f"set {FLAG}=8 in XLA_FLAGS" in error
+    assert not (tmp_path / "run").exists()

@@ -54,14 +54,15 @@ class MLP(nn.Module):
       widths: output widths of every layer, hidden ones then the output, e.g. ``(512, 256, 10)`` for a
         40-512-256-10 net (the input width comes from the data).
       activation: name in `ACTIVATIONS`, applied after every layer but the last.
-      dtype: computation dtype; param_dtype: storage dtype of the parameters.
+      dtype: computation dtype; param_dtype: storage dtype of the parameters, ``auto`` (float64 for a
+        float64 model, else float32; see `resolve_param_dtype`) or a dtype name.
       kernel_init, bias_init: names in `INITIALIZERS`.
     """
 
     widths: Sequence[int]
     activation: str = "relu"
     dtype: str = "float32"
-    param_dtype: str = "float32"
+    param_dtype: str = "auto"
     kernel_init: str = "lecun_normal"
     bias_init: str = "zeros"
 
@@ -73,7 +74,7 @@ class MLP(nn.Module):
             h = nn.Dense(
                 width,
                 dtype=jnp.dtype(self.dtype),
-                param_dtype=jnp.dtype(self.param_dtype),
+                param_dtype=jnp.dtype(resolve_param_dtype(self.dtype, self.param_dtype)),
                 kernel_init=INITIALIZERS[self.kernel_init],
                 bias_init=INITIALIZERS[self.bias_init],
                 name=layer_name(i),
@@ -81,6 +82,15 @@ class MLP(nn.Module):
             if i < len(self.widths) - 1:
                 h = act(h)
         return h
+
+
+def resolve_param_dtype(dtype: str, param_dtype: str) -> str:
+    """The parameters' dtype: ``param_dtype``, or for ``auto`` float64 when the model computes in
+    float64 and float32 otherwise (so ``model.dtype=float64`` alone gives a float64 run end to end,
+    while bfloat16 and float16 models keep float32 master weights)."""
+    if param_dtype != "auto":
+        return param_dtype
+    return "float64" if jnp.dtype(dtype) == jnp.float64 else "float32"
 
 
 def layer_name(i: int) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from bpjax.devices import make_mesh, mesh_axes
+from bpjax.errors import warn
 from bpjax.models.mlp import layer_name
 from bpjax.schema import Names
 from bpjax.step import Problem, TrainState, fuse_steps
@@ -107,6 +108,21 @@ def gathered_step(problem: Problem, mesh: jax.sharding.Mesh, specs, axis: str):
     return step
 
 
+def warn_idle_axes(name: str, mesh_shape, specs, batch_spec: jax.P) -> None:
+    """One ``warning:`` line per mesh axis of size > 1 that splits no parameter and no batch dimension:
+    its devices would all compute the same thing, which is rarely what was meant (e.g. tensor with every
+    layer in ``parallel.replicate``)."""
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.P))
+    used = {a for spec in (*leaves, batch_spec) for a in spec if a is not None}
+    for axis, size in mesh_shape.items():
+        if size > 1 and axis not in used:
+            warn(
+                f"{name}: the {axis} axis of size {size} splits no parameter and no batch dimension, so this "
+                f"run has no parallelism over it; split something over it (e.g. fewer layers in "
+                f"parallel.replicate, widths divisible by {size}) or set parallel.mesh.{axis}=1"
+            )
+
+
 def rule_based(
     name: str,
     layout: str,
@@ -131,6 +147,7 @@ def rule_based(
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
     step = problem.train_step if gather_axis is None else gathered_step(problem, mesh, specs, gather_axis)
     batch_axis = batch_specs(rules, mesh_shape, 1)["x"][1]
+    warn_idle_axes(name, mesh_shape, specs, batch_specs(rules, mesh_shape, 1)["x"])
 
     @functools.cache
     def batch_shardings(y_ndim: int) -> dict:
