@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from bpjax import faults, strategies
 from bpjax.errors import UserError, quiet_stderr
+from bpjax.models.mlp import resolve_param_dtype
 from bpjax.strategies.base import Strategy
 from bpjax.workdir import CHECKPOINTS  # noqa: F401  (re-exported: the folder inside a run's workdir)
 
@@ -102,7 +103,7 @@ class Checkpointer:
             "portable": strategies.get(strategy.name).portable_checkpoints,
             "mesh": dict(strategy.mesh.shape) if strategy.mesh is not None else {},
             "num_devices": strategy.num_devices,
-            "config": {key: _to_json(_get(config.to_dict(), key)) for key in MUST_MATCH},
+            "config": {key: _to_json(_get(_resolved(config), key)) for key in MUST_MATCH},
             "shapes": _signature(self.codec.target()),
         }
 
@@ -223,6 +224,16 @@ class Checkpointer:
                 self.manager.close()
         else:
             self.manager.close()
+
+
+def _resolved(config) -> dict:
+    """The config as a checkpoint records it: ``model.param_dtype`` as the dtype it resolves to, so
+    that ``auto`` and the dtype it stands for (and checkpoints from before ``auto``) match."""
+    d = config.to_dict()
+    model = d.get("model", {})
+    if "param_dtype" in model:
+        model["param_dtype"] = resolve_param_dtype(model.get("dtype", "float32"), model["param_dtype"])
+    return d
 
 
 def _to_json(value):
