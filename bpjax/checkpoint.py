@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -72,6 +72,16 @@ def _ignore_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
+class Found(NamedTuple):
+    """A checkpoint a resume starts from: its step, the restored state, the train loop's host-side
+    state saved with it, and the newer checkpoints that could not be read, with why."""
+
+    step: int
+    state: Any
+    loop: dict
+    skipped: list[tuple[int, str]]
+
+
 class Unreadable(Exception):
     """A checkpoint whose files cannot be read (truncated, half-deleted, corrupt): a resume falls back
     to an older one. Its message is one short line."""
@@ -110,13 +120,16 @@ class Checkpointer:
     def meta(self, step: int) -> dict[str, Any]:
         return {"step": step, **self._meta}
 
-    def save(self, step: int, state) -> None:
-        """Start saving ``state`` as step ``step``; returns once the arrays are copied off the devices."""
+    def save(self, step: int, state, loop: dict | None = None) -> None:
+        """Start saving ``state`` as step ``step``; returns once the arrays are copied off the devices.
+
+        ``loop``: the train loop's host-side state at that step (JSON), given back on resume.
+        """
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(self.codec.save(state)),
-                meta=ocp.args.JsonSave(self.meta(step)),
+                meta=ocp.args.JsonSave({**self.meta(step), "loop": loop or {}}),
             ),
             force=True,
         )
@@ -191,21 +204,22 @@ class Checkpointer:
             raise Unreadable(_reason(e)) from None
         return self.codec.load(restored["state"])
 
-    def newest_readable(self, restore: bool = True) -> tuple[int, Any, list[tuple[int, str]]]:
-        """``(step, state, skipped)``: the newest checkpoint that can be read (and restored, with
-        ``restore``; otherwise ``state`` is None), and the newer ones that could not, with why."""
+    def newest_readable(self, restore: bool = True) -> Found:
+        """The newest checkpoint that can be read (and restored, with ``restore``; otherwise its
+        ``state`` is None), and the newer ones that could not, with why."""
         skipped: list[tuple[int, str]] = []
         for step in self.all_steps():
             try:
                 with quiet_stderr():
-                    state = self.restore(step) if restore else (self.check(step), None)[1]
+                    meta = self.check(step)
+                    state = self.restore(step) if restore else None
             except Unreadable as e:
                 skipped.append((step, str(e)))
                 self.failed = True
                 # asyncio logs the same failure again for each array's unfinished read.
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 continue
-            return step, state, skipped
+            return Found(step, state, meta.get("loop", {}), skipped)
         if not skipped:
             raise UserError(f"--resume: {self.directory} holds no complete checkpoint; run without --resume")
         step, why = skipped[0]
@@ -263,7 +277,7 @@ def restore_latest(directory: str | Path, config, strategy: Strategy):
     """``(step, state)`` of the newest readable checkpoint in ``directory``, laid out for ``strategy``."""
     ckpt = Checkpointer(directory, config, strategy, create=False)
     try:
-        step, state, _ = ckpt.newest_readable()
-        return step, state
+        found = ckpt.newest_readable()
+        return found.step, found.state
     finally:
         ckpt.close()

@@ -180,6 +180,7 @@ class Output:
     start: int = 0
     state: Any = None
     damaged: list[tuple[int, str]] = field(default_factory=list)
+    loop: dict = field(default_factory=dict)  # the train loop's host-side state saved with the checkpoint
 
 
 def check_output(
@@ -198,7 +199,7 @@ def check_output(
     config = setup.config
     ckpt = Checkpointer(out / CHECKPOINTS, config, setup.strategy, create=False)
     try:
-        step, state, damaged = ckpt.newest_readable(restore=restore)
+        step, state, loop, damaged = ckpt.newest_readable(restore=restore)
     finally:
         ckpt.close()
     for bad, why in damaged:
@@ -212,4 +213,4 @@ def check_output(
             f"--resume: checkpoint step {step} is not a multiple of train.steps_per_call="
             f"{config.train.steps_per_call}; resume with the steps_per_call that saved it"
         )
-    return Output(out, step, state, damaged)
+    return Output(out, step, state, damaged, loop)

@@ -125,8 +125,8 @@ def run(
                 continue
             losses = loop.sync(done)
             loop.police_nonfinite(losses)
-            loop.save(done, state)
             loop.log_and_evaluate(done, state, losses)
+            loop.save(done, state)
             loop.stop_if_signalled(done, state)
         result = loop.result(state)
     except BaseException:
@@ -190,13 +190,17 @@ class _Loop:
         self.train_seconds = 0.0  # time spent in training calls, evaluation and logging excluded
         self.window_seconds, self.window_steps = 0.0, 0  # since the last logged row
         self.window: list[dict] = []  # host metrics since the last logged row
+        if output.loop.get("window"):  # a resume mid-window: the steps before it count in the next row
+            self.window = [{k: np.asarray(v["values"], v["dtype"]) for k, v in output.loop["window"].items()}]
+        self.nonfinite_steps = output.loop.get("nonfinite_steps", 0)
+        self.bad_in_a_row = output.loop.get("bad_in_a_row", 0)
         self.pending: list = []  # device metrics since the last sync
         self.last_sync = start
-        self.bad_in_a_row, self.nonfinite_steps = 0, 0
         self.row: dict[str, Any] = {}
         self.first_batch = None
         self.quiet = None  # stderr silenced after a failed write has been reported
         self.saved: int | None = None  # the step of the last checkpoint started
+        self.failing = False  # the run is raising: close quietly
         self.signal: int | None = None  # SIGINT or SIGTERM received, acted on at the next sync
         self._handlers: dict = {}
 
@@ -287,12 +291,22 @@ class _Loop:
             self.ckpt = Checkpointer(self.out / CHECKPOINTS, self.setup.config, self.setup.strategy)
         with self._writing(self.out / CHECKPOINTS / str(done)):
             if self.saved != done:  # a signal on a step that was just saved: only wait for it
-                self.ckpt.save(done, state)
+                self.ckpt.save(done, state, loop=self._loop_state())
                 self.saved = done
             if now:
                 self.ckpt.wait()
         if self.run_dir is not None:
             self.run_dir.commit()  # the new run has something to show: an overwritten run may go
+
+    def _loop_state(self) -> dict:
+        """What a resume needs of the loop to go on as if never stopped: the host metrics since the
+        last logged row (the next row's means include them) and the non-finite step counts."""
+        state = {"nonfinite_steps": self.nonfinite_steps, "bad_in_a_row": self.bad_in_a_row}
+        if self.window:
+            keys = self.window[-1]
+            joined = {k: np.concatenate([np.reshape(m[k], -1) for m in self.window]) for k in keys}
+            state["window"] = {k: {"dtype": str(v.dtype), "values": v.tolist()} for k, v in joined.items()}
+        return state
 
     @contextlib.contextmanager
     def _writing(self, path: Path):
@@ -365,6 +379,7 @@ class _Loop:
 
     def fail(self) -> None:
         """The run failed: an earlier run it was replacing, with nothing new to show yet, goes back."""
+        self.failing = True
         if self.run_dir is not None and self.run_dir.roll_back():
             warn(
                 f"the run did not get to its first checkpoint; the earlier run in {self.out} is back in place"
@@ -397,14 +412,18 @@ class _Loop:
     def close(self) -> None:
         self.progress.close()
         try:
-            self.log.close()
-            if self.ckpt is not None:
-                # The last checkpoint is complete on disk before the run returns or raises (a
-                # failed write was reported already: then only shut down).
-                if not self.ckpt.failed:
-                    with self._writing(self.out / CHECKPOINTS):
-                        self.ckpt.wait()
-                self.ckpt.close()
+            # After a failure, whatever else fails while shutting down (a full disk again, orbax's
+            # failed background save) is a consequence: the first error is the one to report.
+            with contextlib.suppress(Exception) if self.failing else contextlib.nullcontext():
+                with self._writing(self.out / "metrics.jsonl" if self.out else Path("metrics.jsonl")):
+                    self.log.close()
+                if self.ckpt is not None:
+                    # The last checkpoint is complete on disk before the run returns or raises (a
+                    # failed write was reported already: then only shut down).
+                    if not self.ckpt.failed:
+                        with self._writing(self.out / CHECKPOINTS):
+                            self.ckpt.wait()
+                    self.ckpt.close()
         finally:
             if self.quiet is not None:
                 self.quiet.__exit__(None, None, None)

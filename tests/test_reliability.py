@@ -227,3 +227,19 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(root, small_disk,
     steps = sorted(int(p.name) for p in (small_disk / "run/checkpoints").iterdir() if p.name.isdigit())
     assert steps, "the first checkpoint fitted"
     assert f"checkpoint {steps[-1]} is intact" in lines[0]
+
+
+def test_resume_mid_window_logs_the_same_rows(root, tmp_path):
+    """A checkpoint between two logged rows (a signal's, or checkpoint.every not a multiple of
+    train.log_every) carries the losses since the last row: the resumed run logs the same means."""
+    overrides = ["train.steps=48", "checkpoint.every=20", "checkpoint.keep=3", "train.steps_per_call=4"]
+    reference = run(config(root, *overrides), tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "run")
+    for step in ("40", "48"):
+        shutil.rmtree(tmp_path / "run/checkpoints" / step)
+    resumed = run(config(root, *overrides), tmp_path / "run", resume=True)
+    assert resumed.summary["resumed_from_step"] == 20  # between the rows at 16 and 24
+    assert_trees_equal(resumed.state, reference.state)
+    assert without_timing(read_jsonl(tmp_path / "run/metrics.jsonl")) == without_timing(
+        read_jsonl(tmp_path / "whole/metrics.jsonl")
+    )
