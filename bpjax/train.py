@@ -111,11 +111,19 @@ def run(
     Raises:
       UserError: before anything is compiled or written, for any bad input.
       TrainingStopped: the loss became NaN or Inf (``train.nonfinite``); the last good checkpoint stays.
+      Interrupted: SIGINT or SIGTERM; a checkpoint was saved at the step reached (with a workdir).
+      WriteFailed: a write failed (a full disk); the last complete checkpoint stays.
     """
     setup = prepare(config)
     output = check_output(setup, workdir, overwrite, resume, restore=True)
     run_dir = _open_run(setup, output, overwrite)
-    loop = _Loop(setup, output, run_dir)
+    try:
+        loop = _Loop(setup, output, run_dir)
+    except BaseException:
+        if run_dir is not None:
+            run_dir.roll_back()
+            run_dir.release()
+        raise
     try:
         state, step_fn = loop.start()
         for call in range(output.start // loop.k, loop.steps // loop.k):
