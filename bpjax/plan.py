@@ -163,6 +163,8 @@ def make_plan(setup: Setup) -> Plan:
     widths = (setup.dataset.num_features, *problem.model.widths)
     inp = CostInput(problem, strategy, config.parallel, params, opt_state, config.train.batch_size, widths)
     position = {d: i for i, d in enumerate(strategy.devices)}
+    cost = definition.cost(inp)
+    activations = cost.activations or {}
     layers = []
     for i in range(len(problem.model.widths)):
         name = layer_name(i)
@@ -177,12 +179,14 @@ def make_plan(setup: Setup) -> Plan:
                 param_bytes=local,
                 grad_bytes=local,
                 opt_bytes=opt_by_param.get((name, "kernel"), 0) + opt_by_param.get((name, "bias"), 0),
-                # The layer's output, kept for the backward pass, split where its bias is.
-                act_bytes=int(inp.b_local * widths[i + 1] * out_split * inp.act_itemsize),
+                # The layer's output, kept for the backward pass, split where its bias is (unless the
+                # strategy's cost model knows better, e.g. a pipeline schedule's peak).
+                act_bytes=activations.get(
+                    name, int(inp.b_local * widths[i + 1] * out_split * inp.act_itemsize)
+                ),
                 devices=tuple(sorted(position[d] for d in p["kernel"].sharding.device_set)),
             )
         )
-    cost = definition.cost(inp)
     full_state = jax.eval_shape(strategy.init, jax.random.key(0))
     return Plan(
         strategy=strategy.name,

@@ -121,6 +121,9 @@ class Cost(NamedTuple):
 
     collectives: list[Collective]
     notes: list[str] = []
+    # Per layer, the activation bytes one device keeps for the backward pass, where the strategy
+    # knows better than the plan's default (the layer's output for the device's rows of the batch).
+    activations: Mapping[str, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
