@@ -639,8 +639,8 @@ CASES = {
     ),
     "no processes": ("launch --processes 0 EXP", "--processes 0 must be >= 1"),
     "one-process strategy": (
-        "launch --processes 2 EXP --set parallel.strategy=pipeline --set parallel.mesh.stage=2",
-        "pipeline runs in one process only; across processes use pmap, dp (partition=sample), fsdp",
+        "launch --processes 2 EXP --set parallel.strategy=async",
+        "async runs in one process only; across processes use pmap, dp (partition=sample), fsdp",
     ),
     "half a cluster env": (
         "env JAX_COORDINATOR_ADDRESS=127.0.0.1:1",

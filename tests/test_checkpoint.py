@@ -109,6 +109,7 @@ LAYOUTS = {
     "fsdp": ["parallel.strategy=fsdp"],
     "tensor": ["parallel.strategy=tensor", "parallel.mesh.model=8"],
     "hybrid": ["parallel.strategy=hybrid", "parallel.mesh.data=2", "parallel.mesh.model=4"],
+    "pipeline": ["parallel.strategy=pipeline", "parallel.mesh.stage=3", "parallel.microbatches=4"],
 }
 
 

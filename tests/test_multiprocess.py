@@ -31,6 +31,13 @@ SETTINGS = [
 ]
 CASES = {
     "dp": ["parallel.strategy=dp"],
+    "pipeline_1f1b": [  # 8 stages: 4 on each process
+        "parallel.strategy=pipeline",
+        "model.hidden=(32, 24, 24, 24, 16, 16, 16)",
+        "parallel.mesh.stage=8",
+        "parallel.schedule=1f1b",
+        "parallel.microbatches=4",
+    ],
     "tensor": ["parallel.strategy=tensor", "parallel.mesh.model=8"],
     "hybrid_fsdp": [
         "parallel.strategy=hybrid",

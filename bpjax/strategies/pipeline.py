@@ -75,6 +75,8 @@ from bpjax.strategies.base import (
     Definition,
     Example,
     Strategy,
+    place_batch,
+    to_host,
 )
 
 AXIS = "stage"
@@ -657,16 +659,47 @@ def make(
     state_sh = TrainState(replicated, stage_sh, opt_sh)
 
     def shard_batch(batch):
-        # Replicated over stages: stage 0 reads x, the last stage reads y.
+        # Replicated over stages: stage 0 reads x, the last stage reads y (every process holds all rows).
         _check_batch(np.shape(batch["x"])[1], M)
-        return jax.device_put(batch, replicated)
+        return place_batch(batch, replicated)
 
     def gather(state: TrainState) -> TrainState:
-        unpack = lambda packed: _unpack(np.asarray(jax.device_get(packed)), slots)
+        host = to_host(state)  # across processes, the stages' rows are all-gathered
+        unpack = lambda packed: _unpack(packed, slots)
         opt_state = optax.tree_map_params(
-            problem.tx, unpack, state.opt_state, transform_non_params=lambda x: np.asarray(jax.device_get(x))
+            problem.tx, unpack, host.opt_state, transform_non_params=lambda x: x
         )
-        return TrainState(np.asarray(jax.device_get(state.step)), unpack(state.params), opt_state)
+        return TrainState(host.step, unpack(host.params), opt_state)
+
+    # Portable checkpoints: saved as the reference TrainState (each layer's arrays whole), so that any
+    # portable strategy resumes a pipeline run, and a pipeline resumes theirs, whatever the stages.
+    whole_params = lambda tree: isinstance(tree, dict) and layer_name(0) in tree  # noqa: E731
+
+    def to_reference(state: TrainState) -> TrainState:
+        unpack = lambda packed: _unpack(packed, slots)
+        opt_state = optax.tree_map_params(
+            problem.tx, unpack, state.opt_state, transform_non_params=lambda x: x
+        )
+        return TrainState(state.step, unpack(state.params), opt_state)
+
+    def from_reference(tree: TrainState) -> TrainState:
+        pack = lambda params: _pack(params, slots, pmax)
+        opt_state = optax.tree_map_params(
+            problem.tx, pack, tree.opt_state, transform_non_params=lambda x: x, is_leaf=whole_params
+        )
+        return TrainState(tree.step, pack(tree.params), opt_state)
+
+    def reference_target():
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+            jax.eval_shape(problem.init, jax.random.key(0)),
+        )
+
+    checkpointing = Checkpointing(
+        target=reference_target,
+        save=jax.jit(to_reference, out_shardings=replicated),
+        load=jax.jit(from_reference, out_shardings=state_sh),
+    )
 
     sizes = "+".join(str(len(c)) for c in chunks)
     if virtual_stages > 1:
@@ -687,7 +720,7 @@ def make(
         shard_batch=shard_batch,
         step=jax.jit(fuse_steps(train_step), out_shardings=(state_sh, replicated), donate_argnums=0),
         gather=gather,
-        checkpointing=Checkpointing(lambda: jax.eval_shape(init, jax.random.key(0))),
+        checkpointing=checkpointing,
         mesh=mesh,
     )
 
@@ -834,6 +867,8 @@ DEFINITION = Definition(
         # 4 layers in the registry-wide tests' net: 2 stages x 2 chunks.
         Example({"stage": 2}, {"microbatches": 4, "schedule": "interleaved", "virtual_stages": 2}),
     ),
+    multi_process=True,
+    portable_checkpoints=True,
     shards_parameters=True,
     check=check,
     # The chosen schedule's table, forwards and backwards: the microbatch each device runs per tick.
