@@ -116,19 +116,24 @@ for name, result in results.items():
     assert diff < TOLERANCE, f"{name} drifted from single"
 
 # %% [markdown]
-# ## The pipeline schedule
+# ## The pipeline schedules
 #
-# GPipe runs M microbatches through S stages in M+S-1 ticks: stage s works on microbatch t-s at tick
-# t, and idles otherwise. The backward pass runs the same schedule in reverse. Each stage is idle
-# (S-1) of the M+S-1 ticks: the bubble.
+# A schedule says what each stage does at each tick: a microbatch's forward, its backward (for
+# `zero_bubble`, the input-gradient half B or the weight-gradient half W), or nothing (the bubble).
+# Each cell shows the microbatch; blank is idle. `gpipe` runs all M forwards, then all backwards, and
+# keeps every microbatch's activations; `1f1b` starts the backwards as soon as it can, so a stage keeps
+# at most S of them; `zero_bubble` splits the backward and fills the bubble with weight gradients.
+# (`interleaved` needs S x v layers: see `experiments/wide_pipeline.py`.)
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(12, 2.6))
-viz.plot_timeline(setups["pipeline"], ax=axes[0])  # mnist1d_pipeline.py: S=3, M=4
-more = bpjax.load_config(
-    ROOT / "experiments" / "mnist1d_pipeline.py", [*OVERRIDES, "parallel.microbatches=16"]
-)
-viz.plot_timeline(bpjax.prepare(more), ax=axes[1])  # more microbatches, smaller bubble
+SCHEDULES = ["gpipe", "1f1b", "zero_bubble"]
+fig, axes = plt.subplots(len(SCHEDULES), 1, figsize=(12, 2.2 * len(SCHEDULES)))
+for ax, name in zip(axes, SCHEDULES, strict=True):
+    scheduled = bpjax.load_config(
+        ROOT / "experiments" / "mnist1d_pipeline.py", [*OVERRIDES, f"parallel.schedule={name}"]
+    )
+    viz.plot_timeline(bpjax.prepare(scheduled), ax=ax)  # mnist1d_pipeline.py: S=3, M=4
+    ax.set_title(f"{name}: " + ax.get_title(), fontsize=9)
 fig.tight_layout()
 plt.show()
 
