@@ -236,9 +236,9 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
             if failed and first_failure is None:
                 # Several may be seen at once; one that JAX aborted (SIGABRT) is a consequence, not the
                 # cause, and so is every failure while another process hangs (stopped, not dead).
-                first_failure = min(failed, key=lambda f: f[1] == -signal.SIGABRT)
+                first_failure = min(failed, key=_consequence)
                 hung = [r for r, p in enumerate(procs) if p.poll() is None and _stopped(p.pid)]
-                if first_failure[1] == -signal.SIGABRT and hung:
+                if any(_consequence(first_failure)) and hung:
                     first_failure = (hung[0], _HUNG)
                 deadline = time.monotonic() + grace_s
                 rank, code = first_failure
@@ -268,9 +268,7 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
     stopped = [128 + s for s in (signal.SIGINT, signal.SIGTERM)]
     if all(c in stopped for c in codes):  # a signal: every process saved and stopped at the same step
         return codes[0]
-    cause = first_failure or min(
-        ((r, c) for r, c in enumerate(codes) if c), key=lambda f: f[1] == -signal.SIGABRT
-    )
+    cause = first_failure or min(((r, c) for r, c in enumerate(codes) if c), key=_consequence)
 
     def what(rank: int, code: int) -> str:
         if rank == cause[0] and cause[1] == _HUNG:
@@ -289,6 +287,14 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
 
 
 _HUNG = -1000  # a cause that is no exit code: a process that stopped running but did not exit
+
+
+def _consequence(failure: tuple[int, int]) -> tuple[bool, bool]:
+    """How likely a failure seen at the same moment as others is a consequence rather than the cause:
+    a process killed by a signal is the likeliest cause; one that exited with an error may have lost a
+    peer inside a collective ("Connection reset by peer"); one JAX aborted (SIGABRT) lost a peer."""
+    code = failure[1]
+    return (code == -signal.SIGABRT, code > 0)
 
 
 def _stopped(pid: int) -> bool:
