@@ -272,16 +272,18 @@ def _pipelined_loss(
             params = _unpack_stage(flat_P, slots[s], first_layer=first)
             h = x_bxD if s == 0 else h_bxA[:, : widths[first]]
             if last:
-                return jnp.zeros_like(h_bxA), sub.loss_fn(params, {"x": h, "y": y_b}).astype(jnp.float32)
+                return jnp.zeros_like(h_bxA), sub.loss_fn(params, {"x": h, "y": y_b}).astype(
+                    problem.loss_dtype
+                )
             out = act(sub.model.apply({"params": params}, h)).astype(dtype)
             out = jnp.pad(out, ((0, 0), (0, A - out.shape[1])))
-            return out, jnp.zeros_like(flat_P, shape=(), dtype=jnp.float32)
+            return out, jnp.zeros_like(flat_P, shape=(), dtype=problem.loss_dtype)
 
         return run
 
     def idle(flat_P, h_bxA, x_bxD, y_b):
         # zeros_like keeps the operands' "varies over stage" type, which all switch branches must share.
-        return jnp.zeros_like(h_bxA), jnp.zeros_like(flat_P, shape=(), dtype=jnp.float32)
+        return jnp.zeros_like(h_bxA), jnp.zeros_like(flat_P, shape=(), dtype=problem.loss_dtype)
 
     branches = [stage_branch(s) for s in range(S)] + [idle]
     forward = [(i, i + 1) for i in range(S - 1)]
@@ -307,7 +309,7 @@ def _pipelined_loss(
             return (out_bxA, loss + mb_loss), None
 
         h0 = jnp.zeros_like(flat_P, shape=(B // M, A), dtype=dtype)
-        loss0 = jnp.zeros_like(flat_P, shape=(), dtype=jnp.float32)
+        loss0 = jnp.zeros_like(flat_P, shape=(), dtype=problem.loss_dtype)
         (_, loss), _ = jax.lax.scan(tick, (h0, loss0), ticks_TxS)
         # Only the last stage added losses; the mean of the M equal-sized microbatch means.
         return jax.lax.psum(loss, AXIS) / M
