@@ -363,10 +363,11 @@ def test_scheduled_regression_and_clipping_match_single(name):
     assert_matches(result, expected, f"{name} mse clip_norm")
 
 
-def test_scheduled_float64_equals_single_to_1e_12():
-    """In float64 the scheduled backward is the reference's arithmetic up to the order of the sums
-    over microbatches: 1f1b equals single to 1e-12, where float32 allows 1e-5."""
-    c = schedule_config("momentum", SMALL, 4, microbatches=6, schedule="1f1b")
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_float64_equals_single_to_1e_12(schedule):
+    """In float64 the pipeline is the reference's arithmetic up to the order of the sums over
+    microbatches, its loss included: equal to single to 1e-12, where float32 allows 1e-5."""
+    c = schedule_config("momentum", SMALL, 4, microbatches=6, schedule=schedule)
     c.model.dtype = "float64"
     try:
         dataset = data.load(c.data, seed=0)
@@ -375,7 +376,8 @@ def test_scheduled_float64_equals_single_to_1e_12():
         init, final, losses = result
         assert final.params["layer_0"]["kernel"].dtype == np.float64
         np.testing.assert_allclose(losses, expected[2], rtol=1e-12)
-        assert_trees_close(final, expected[1], rtol=1e-12, atol=1e-14, what="1f1b float64")
+        assert losses.dtype == np.float64
+        assert_trees_close(final, expected[1], rtol=1e-12, atol=1e-14, what=f"{schedule} float64")
     finally:
         make_problem(schedule_config("momentum", SMALL), 24, 10)  # float32 again (turns x64 off)
 
