@@ -575,3 +575,24 @@ def test_timeline_cost_and_activation_memory(name, schedule_dataset):
         assert acts == full  # all M microbatches: the whole batch
     elif name == "1f1b":
         assert all(acts[k] <= full[k] * 2 / 8 for k in full)  # at most S = 2 of M = 8
+
+
+def test_activation_memory_plan_and_compiled_program_agree():
+    """1f1b keeps at most S microbatches' activations where gpipe keeps all M. With the microbatch
+    size fixed and M growing 4 -> 16 on 4 stages, the plan predicts 1f1b's kept activations constant
+    and gpipe's 4x; the compiled programs' temporary memory follows: flat for 1f1b, growing for gpipe."""
+    from bpjax.plan import compiled_report, make_plan
+
+    def measure(schedule_name, M):
+        c = schedule_config("adam", (100, 100, 100), 4, schedule=schedule_name, microbatches=M)
+        c.train.batch_size = 16 * M
+        c.parallel.strategy = "pipeline"
+        setup = bpjax.prepare(c)
+        return make_plan(setup).totals["act_bytes"], compiled_report(setup)["temp_bytes"]
+
+    (g4, g4_temp), (g16, g16_temp) = measure("gpipe", 4), measure("gpipe", 16)
+    (o4, o4_temp), (o16, o16_temp) = measure("1f1b", 4), measure("1f1b", 16)
+    assert g16 == 4 * g4 and o16 == o4 == g4  # predicted: gpipe keeps M, 1f1b at most S (= M at M=4)
+    assert o16_temp < 1.25 * o4_temp, (o4_temp, o16_temp)  # compiled: 1f1b stays flat
+    assert g16_temp > 2 * g4_temp, (g4_temp, g16_temp)  # gpipe grows with M
+    assert o16_temp < g16_temp / 2
