@@ -455,13 +455,25 @@ def _losses(path, overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["parallel.schedule=1f1b"], ["parallel.schedule=zero_bubble"]],
-    ids=lambda o: o[0].split("=")[1],
+    [
+        ["parallel.schedule=1f1b"],
+        ["parallel.schedule=zero_bubble"],
+        # Its 3 layers hold one chunk per device on 3 stages; interleaved needs S*v chunks: 3 on one
+        # device, or with a fourth layer 2 devices x 2 chunks (and see the wide experiment below).
+        ["parallel.schedule=interleaved", "parallel.mesh.stage=1", "parallel.virtual_stages=3"],
+        [
+            "parallel.schedule=interleaved",
+            "parallel.mesh.stage=2",
+            "parallel.virtual_stages=2",
+            "model.hidden=(100, 100, 100)",
+        ],
+    ],
+    ids=["1f1b", "zero_bubble", "interleaved-1x3", "interleaved-2x2"],
 )
 def test_mnist1d_pipeline_schedules_equal_single_over_20_steps(root, overrides):
-    """``bpjax run experiments/mnist1d_pipeline.py --set parallel.schedule=...``: single's losses.
-    (Its 3 layers cannot host interleaved's S*v >= 4 chunks: see the wide experiment below.)"""
-    single = _losses(root / "experiments/mnist1d_single.py", [])
+    """``bpjax run experiments/mnist1d_pipeline.py --set parallel.schedule=...``: single's losses."""
+    model = [o for o in overrides if o.startswith("model.")]
+    single = _losses(root / "experiments/mnist1d_single.py", model)
     got = _losses(root / "experiments/mnist1d_pipeline.py", overrides)
     assert got.shape == (20,)
     np.testing.assert_allclose(got, single, rtol=1e-5)
