@@ -122,15 +122,21 @@ for name, result in results.items():
 # `zero_bubble`, the input-gradient half B or the weight-gradient half W), or nothing (the bubble).
 # Each cell shows the microbatch; blank is idle. `gpipe` runs all M forwards, then all backwards, and
 # keeps every microbatch's activations; `1f1b` starts the backwards as soon as it can, so a stage keeps
-# at most S of them; `zero_bubble` splits the backward and fills the bubble with weight gradients.
-# (`interleaved` needs S x v layers: see `experiments/wide_pipeline.py`.)
+# at most S of them; `zero_bubble` splits the backward and fills the bubble with weight gradients;
+# `interleaved` gives each device v chunks of layers (here a fourth layer, 2 devices x 2 chunks), so a
+# microbatch goes round the devices v times and the bubble shrinks by v.
 
 # %%
-SCHEDULES = ["gpipe", "1f1b", "zero_bubble"]
+SCHEDULES = {
+    "gpipe": [],
+    "1f1b": [],
+    "zero_bubble": [],
+    "interleaved": ["parallel.mesh.stage=2", "parallel.virtual_stages=2", "model.hidden=(100, 100, 100)"],
+}
 fig, axes = plt.subplots(len(SCHEDULES), 1, figsize=(12, 2.2 * len(SCHEDULES)))
-for ax, name in zip(axes, SCHEDULES, strict=True):
+for ax, (name, extra) in zip(axes, SCHEDULES.items(), strict=True):
     scheduled = bpjax.load_config(
-        ROOT / "experiments" / "mnist1d_pipeline.py", [*OVERRIDES, f"parallel.schedule={name}"]
+        ROOT / "experiments" / "mnist1d_pipeline.py", [*OVERRIDES, f"parallel.schedule={name}", *extra]
     )
     viz.plot_timeline(bpjax.prepare(scheduled), ax=ax)  # mnist1d_pipeline.py: S=3, M=4
     ax.set_title(f"{name}: " + ax.get_title(), fontsize=9)
