@@ -291,6 +291,15 @@ def over_data(
     )
 
 
+def worker_update(problem: Problem, step, params_1x, opt_1x, batch) -> tuple[TrainState, jax.Array]:
+    """One worker's own optimizer step inside a ``shard_map`` over the workers (local SGD, DiLoCo):
+    its copy ``[1, ...]`` of the parameters and optimizer state, the gradient of the loss on its shard
+    of the batch, no communication. Returns the worker's new TrainState (unstacked) and its loss."""
+    params, opt_state = jax.tree.map(lambda x: x[0], (params_1x, opt_1x))
+    loss, grads = jax.value_and_grad(problem.loss_fn)(params, batch)
+    return problem.apply_gradients(TrainState(step, params, opt_state), grads), loss
+
+
 def mean_of_copies(x) -> np.ndarray:
     """A worker-stacked leaf ``[W, ...]`` on the host: the mean of the workers' copies, accumulated in
     float64 so that identical copies (right after averaging) come back exactly; an integer leaf (a

@@ -51,6 +51,7 @@ from bpjax.strategies.base import (
     mean_of_copies,
     over_data,
     replicated_placement,
+    worker_update,
 )
 from bpjax.strategies.local_sgd import LOCAL_STEPS
 
@@ -130,9 +131,7 @@ def make(
         return outer, outer_opt, outer
 
     def worker_step(step, outer, outer_opt, params_1x, opt_1x, batch):
-        params, opt_state = jax.tree.map(lambda x: x[0], (params_1x, opt_1x))
-        loss, grads = jax.value_and_grad(problem.loss_fn)(params, batch)
-        new = problem.apply_gradients(TrainState(step, params, opt_state), grads)
+        new, loss = worker_update(problem, step, params_1x, opt_1x, batch)
         outer, params, outer_opt = dict(outer), dict(new.params), list(outer_opt)
         for p, group in enumerate(groups):
             # Every device has the same step counter, so all take the same branch of the cond.

@@ -38,6 +38,7 @@ from bpjax.strategies.base import (
     mean_of_copies,
     over_data,
     replicated_placement,
+    worker_update,
 )
 
 AXIS = "data"
@@ -89,9 +90,7 @@ def make(problem: Problem, mesh: dict, *, local_steps: int) -> Strategy:
         )
 
     def worker_step(step, params_1x, opt_1x, batch):
-        params, opt_state = jax.tree.map(lambda x: x[0], (params_1x, opt_1x))
-        loss, grads = jax.value_and_grad(problem.loss_fn)(params, batch)
-        new = problem.apply_gradients(TrainState(step, params, opt_state), grads)
+        new, loss = worker_update(problem, step, params_1x, opt_1x, batch)
         # Every device has the same step counter, so all take the same branch of the cond.
         params, opt_state = jax.lax.cond(new.step % H == 0, average, lambda t: t, (new.params, new.opt_state))
         copies = jax.tree.map(lambda x: x[None], (params, opt_state))
