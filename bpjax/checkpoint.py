@@ -196,6 +196,10 @@ class Checkpointer:
         Raises `UserError` for a checkpoint of another run or layout, `Unreadable` for damaged files.
         """
         self.check(step)
+        return self._restore_checked(step)
+
+    def _restore_checked(self, step: int):
+        """`restore` of a checkpoint whose metadata `check` has already accepted."""
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self.codec.target()))
@@ -212,7 +216,7 @@ class Checkpointer:
             try:
                 with quiet_stderr():
                     meta = self.check(step)
-                    state = self.restore(step) if restore else None
+                    state = self._restore_checked(step) if restore else None
             except Unreadable as e:
                 skipped.append((step, str(e)))
                 self.failed = True

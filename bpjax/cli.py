@@ -284,7 +284,7 @@ def _plan(args) -> int:
 
     config = cfg_lib.load(args.experiment, args.overrides)
     setup = prepare(config)
-    plan = make_plan(setup)
+    plan = setup.plan or make_plan(setup)
     if args.json:
         print(json.dumps(to_json(plan, compiled_report(setup) if args.compiled else None)))
         return 0

@@ -55,7 +55,7 @@ def compare(paths: list[str], overrides: list[str], workdir: str | Path, target_
 
     runs = load_runs(paths, overrides)
     setups = {name: prepare(c) for name, c in runs.items()}  # every check before the first run
-    per_step = {name: make_plan(s).totals["wire_bytes_per_step"] for name, s in setups.items()}
+    per_step = {name: (s.plan or make_plan(s)).totals["wire_bytes_per_step"] for name, s in setups.items()}
     workdir = Path(workdir)
     results = {name: run(c, workdir / "runs" / name, overwrite=True) for name, c in runs.items()}
     rows = []

@@ -22,7 +22,7 @@ from bpjax import workdir as workdir_lib
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
 from bpjax.devices import use_cpu_devices
 from bpjax.errors import UserError, warn
-from bpjax.plan import check_memory_budget, make_plan, per_device_bytes
+from bpjax.plan import Plan, check_memory_budget, make_plan, per_device_bytes
 from bpjax.step import Problem, make_problem
 from bpjax.strategies.base import Strategy
 
@@ -36,6 +36,7 @@ class Setup:
     problem: Problem
     strategy: Strategy
     batches: data_lib.Batches
+    plan: Plan | None = None  # made by `prepare` for the memory checks; `bpjax plan` and compare reuse it
 
 
 def prepare(config: mlc.ConfigDict) -> Setup:
@@ -68,7 +69,7 @@ def prepare(config: mlc.ConfigDict) -> Setup:
     batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
     setup = Setup(config, ds, problem, strategy, batches)
     check_multi_process(setup, processes)
-    plan = make_plan(setup)
+    plan = setup.plan = make_plan(setup)
     budget = config.parallel.memory_budget_mb
     if budget:
         check_memory_budget(plan, budget)
