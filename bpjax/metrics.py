@@ -2,7 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per logged step: ``step`` (training steps completed),
 ``train_loss`` (the loss of that step's batch), ``train_loss_mean`` (mean since the previous line),
-``samples_per_second`` (since the previous line, evaluation excluded), ``eval_loss`` /
+``samples_per_second`` (since the previous line, evaluation excluded), ``train_seconds`` (training
+time since the run began, the x axis of loss against wall clock), ``eval_loss`` /
 ``eval_accuracy`` on the lines where the test set was evaluated, and a strategy's own metrics as
 ``NAME_per_step`` means since the previous line (param_server: ``bytes_pushed_per_step``,
 ``bytes_pulled_per_step``).

@@ -195,7 +195,8 @@ class _Loop:
         self.fault = faults.after_step_check(distributed.process_index())  # None outside the fault tests
         self.wall_start = time.perf_counter()
         self.compile_seconds = 0.0
-        self.train_seconds = 0.0  # time spent in training calls, evaluation and logging excluded
+        # Time spent in training calls, evaluation and logging excluded (a resume continues the count).
+        self.train_seconds = self.resumed_seconds = output.loop.get("train_seconds", 0.0)
         self.window_seconds, self.window_steps = 0.0, 0  # since the last logged row
         self.window: list[dict] = []  # host metrics since the last logged row
         if output.loop.get("window"):  # a resume mid-window: the steps before it count in the next row
@@ -309,7 +310,11 @@ class _Loop:
     def _loop_state(self) -> dict:
         """What a resume needs of the loop to go on as if never stopped: the host metrics since the
         last logged row (the next row's means include them) and the non-finite step counts."""
-        state = {"nonfinite_steps": self.nonfinite_steps, "bad_in_a_row": self.bad_in_a_row}
+        state = {
+            "nonfinite_steps": self.nonfinite_steps,
+            "bad_in_a_row": self.bad_in_a_row,
+            "train_seconds": self.train_seconds,
+        }
         if self.window:
             keys = self.window[-1]
             joined = {k: np.concatenate([np.reshape(m[k], -1) for m in self.window]) for k in keys}
@@ -405,6 +410,10 @@ class _Loop:
                 "train_loss": float(losses[-1]),
                 "train_loss_mean": means.pop("loss"),
                 "samples_per_second": self.window_steps * self.t.batch_size / max(self.window_seconds, 1e-9),
+                # Time spent training since the run began (compilation, evaluation and logging
+                # excluded; a resumed run goes on from its checkpoint's): the x axis of loss against
+                # wall clock.
+                "train_seconds": self.train_seconds,
             }
             # A strategy's own metrics (param_server: bytes_pushed, bytes_pulled), per step.
             row.update({f"{key}_per_step": value for key, value in means.items()})
@@ -464,7 +473,9 @@ class _Loop:
             "final_train_loss": row.get("train_loss"),
             "eval_loss": row.get("eval_loss"),
             "eval_accuracy": row.get("eval_accuracy"),
-            "samples_per_second": (t.steps - start) * t.batch_size / max(self.train_seconds, 1e-9),
+            "samples_per_second": (t.steps - start)
+            * t.batch_size
+            / max(self.train_seconds - self.resumed_seconds, 1e-9),
             "compile_seconds": self.compile_seconds,
             "wall_seconds": time.perf_counter() - self.wall_start,
             "backend": jax.default_backend(),

@@ -50,6 +50,8 @@ def test_run_logs_evaluates_and_summarises(tmp_path):
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert rows == result.history
     assert all(r["samples_per_second"] > 0 for r in rows)
+    seconds = [r["train_seconds"] for r in rows]  # cumulative training time: loss against wall clock
+    assert seconds == sorted(seconds) and seconds[0] > 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 20
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 20
 
