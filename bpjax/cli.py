@@ -119,7 +119,10 @@ def _finite(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from bpjax import __version__
+
     p = _Parser(prog="bpjax", description="Train BP networks in parallel with JAX.")
+    p.add_argument("--version", action="version", version=f"bpjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     commands = {
         "run": "train the network an experiment file describes",
