@@ -35,10 +35,12 @@ _PUBLIC = {
     "Setup": ("bpjax.preflight", "Setup"),
     "Strategy": ("bpjax.strategies", "Strategy"),
     "TrainState": ("bpjax.step", "TrainState"),
+    "TrainedRun": ("bpjax.runs", "TrainedRun"),
     "UserError": ("bpjax.errors", "UserError"),
     "default_config": ("bpjax.config", "default"),
     "load_config": ("bpjax.config", "load"),
     "load_data": ("bpjax.data", "load"),
+    "load_run": ("bpjax.runs", "load_run"),
     "logical_axes": ("bpjax.models", "logical_axes"),
     "make_mesh": ("bpjax.devices", "make_mesh"),
     "make_plan": ("bpjax.plan", "make_plan"),
@@ -60,10 +62,12 @@ __all__ = [
     "Setup",
     "Strategy",
     "TrainState",
+    "TrainedRun",
     "UserError",
     "default_config",
     "load_config",
     "load_data",
+    "load_run",
     "logical_axes",
     "make_mesh",
     "make_plan",
@@ -102,6 +106,7 @@ if TYPE_CHECKING:  # what type checkers and editors see
     from bpjax.models import MLP, logical_axes
     from bpjax.plan import Plan, make_plan
     from bpjax.preflight import Setup, prepare
+    from bpjax.runs import TrainedRun, load_run
     from bpjax.step import Problem, TrainState, make_problem
     from bpjax.strategies import REGISTRY, Strategy
     from bpjax.train import RunResult, run

@@ -30,7 +30,16 @@ from bpjax.workdir import CHECKPOINTS  # noqa: F401  (re-exported: the folder in
 
 # Config sections (or keys) a resumed run must share with the run that saved: they fix the model, the
 # optimizer, the data and its order. Steps, strategy, mesh, logging and checkpoint settings may change.
-MUST_MATCH = ("seed", "data", "model", "optimizer", "train.batch_size", "train.loss", "train.nonfinite")
+MUST_MATCH = (
+    "seed",
+    "seeds",
+    "data",
+    "model",
+    "optimizer",
+    "train.batch_size",
+    "train.loss",
+    "train.nonfinite",
+)
 
 
 def _get(config: dict, dotted: str):
@@ -39,10 +48,10 @@ def _get(config: dict, dotted: str):
     return config
 
 
-def _options(config, create: bool) -> ocp.CheckpointManagerOptions:
+def _options(config, create: bool, keep: int | None = None) -> ocp.CheckpointManagerOptions:
     c = config.checkpoint
     return ocp.CheckpointManagerOptions(
-        max_to_keep=c.keep, enable_async_checkpointing=c.async_save, create=create
+        max_to_keep=keep or c.keep, enable_async_checkpointing=c.async_save, create=create
     )
 
 
@@ -98,7 +107,15 @@ def _reason(e: BaseException) -> str:
 class Checkpointer:
     """Saves a strategy's state every ``checkpoint.every`` steps into ``directory``; restores it."""
 
-    def __init__(self, directory: str | Path, config, strategy: Strategy, *, create: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        config,
+        strategy: Strategy,
+        *,
+        create: bool = True,
+        keep: int | None = None,
+    ):
         self.directory = Path(directory).absolute()
         self.failed = False  # a read or write failed (and was reported): shut down quietly
         # orbax logs a failed background write through absl, many lines per array, from its own
@@ -106,7 +123,8 @@ class Checkpointer:
         logging.getLogger("absl").setLevel(logging.CRITICAL)
         _ignore_closed_loop_callbacks()
         self.codec = strategy.checkpointing
-        self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create))
+        # keep: how many to keep, if not checkpoint.keep (the best checkpoint's folder keeps one).
+        self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create, keep))
         # What every checkpoint of this run says about itself, bar its step (traced once, not per save).
         self._meta = {
             "strategy": strategy.name,

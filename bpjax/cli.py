@@ -5,6 +5,9 @@
   bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled] [--json]
   bpjax config [EXPERIMENT.py] [--set key=value ...] [--schema]   the resolved config, or every key
   bpjax compare EXPERIMENT_OR_STUDY.py ... [--set key=value ...] [--workdir DIR] [--target-loss X]
+                [--seeds 0,1,2] [--overwrite]
+  bpjax runs [DIR]                     a table of the runs under DIR (default: runs), read from their files
+  bpjax predict WORKDIR INPUT.npz|csv [--output FILE] [--best]   a trained run's predictions
   python -m bpjax run ...              the same
   python experiments/NAME.py [...]      the same, for that file
 
@@ -37,6 +40,7 @@ _EXAMPLES = {
     "plan": "experiments/mnist1d_tensor.py",
     "config": "experiments/mnist1d_dp.py",
     "compare": "experiments/study_sync_async.py",
+    "predict": "runs/mnist1d_dp-20260101-120000 inputs.npz",
 }
 
 
@@ -185,6 +189,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--workdir", help="output folder (default: runs/compare-YYYYmmdd-HHMMSS)")
     c.add_argument("--target-loss", type=_finite, default=0.5, help="loss for the steps-to-target column")
+    r = sub.add_parser("runs", help="list finished and unfinished runs, read from their files")
+    r.add_argument("directory", nargs="?", default="runs", help="folder to search for runs (default: runs)")
+    pr = sub.add_parser("predict", help="predict with a trained run: labels (and probabilities) or targets")
+    pr.add_argument("workdir", help="the run's folder (its --workdir)")
+    pr.add_argument("input", help="inputs: an .npz file with x [N, D], or a CSV file of N rows of D features")
+    pr.add_argument(
+        "--output",
+        help="where to write the predictions, .csv or .npz (default: INPUT_NAME.predictions.csv here)",
+    )
+    pr.add_argument(
+        "--best", action="store_true", help="use the best checkpoint (checkpoint.keep_best), not the latest"
+    )
     parsers["plan"].add_argument(
         "--compiled",
         action="store_true",
@@ -195,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan as one JSON object (bytes per device and per training step)",
     )
-    p.commands = {**parsers, "config": cfg, "compare": c}
+    p.commands = {**parsers, "config": cfg, "compare": c, "runs": r, "predict": pr}
     return p
 
 
@@ -326,13 +342,54 @@ def _compare(args) -> int:
     return 0
 
 
+def _runs(args) -> int:
+    from bpjax.runs import list_runs, table
+
+    rows = list_runs(args.directory)
+    if not rows:
+        print(f"no runs under {args.directory}")
+        return 0
+    print(table(rows, relative_to=Path(args.directory)))
+    return 0
+
+
+def _predict(args) -> int:
+    from bpjax.runs import check_workdir, read_inputs
+
+    check_workdir(args.workdir, args.best)
+    output = Path(args.output or f"{Path(args.input).name.split('.')[0]}.predictions.csv")
+    if output.suffix not in (".csv", ".npz"):
+        raise UserError(f"--output {output} must end in .csv or .npz")
+    if output.is_dir() or not output.absolute().parent.is_dir():
+        raise UserError(
+            f"--output {output}: {'is a folder' if output.is_dir() else 'its folder does not exist'}"
+        )
+    x = read_inputs(args.input)
+
+    from bpjax.runs import load_run, write_predictions
+
+    run = load_run(args.workdir, best=args.best)
+    run.prepare_inputs(x)  # the feature count, checked before anything is written
+    write_predictions(run, x, output)
+    print(f"wrote {len(x)} predictions of {args.workdir} (step {run.step}) to {output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except UserError as e:  # a usage error: one line, like any other bad input
         print(f"{e.prefix}: {e}", file=sys.stderr)
         return e.exit_code
-    commands = {"run": _run, "launch": _launch, "plan": _plan, "config": _config, "compare": _compare}
+    commands = {
+        "run": _run,
+        "launch": _launch,
+        "plan": _plan,
+        "config": _config,
+        "compare": _compare,
+        "runs": _runs,
+        "predict": _predict,
+    }
     try:
         with _stop_on_signals():
             return commands[args.command](args)

@@ -7,7 +7,7 @@ key is declared once, with its default, type, valid range and help (`SCHEMA` her
 ``docs/configuration.md`` is generated from the same declarations.
 
 Sections:
-  seed                      one integer; parameters, data order and data generation derive from it
+  seed, seeds.*             the run's seed; seeds.init / data_order / split override one use of it each
   data.*                    which data set and how it is split and scaled (see `bpjax.data`)
   model.*                   the MLP: hidden widths, activation, dtypes, init (see `bpjax.models.mlp`)
   optimizer.*               an optax optimizer by name, a learning-rate schedule, gradient clipping
@@ -74,10 +74,22 @@ SCHEMA: dict[str, Any] = {
     "name": Str("", "the run's name; empty: the experiment file's name"),
     "seed": Int(
         0,
-        "one integer; parameters, data order and data generation derive from it",
+        "the run's seed: parameter initialisation and the order of training batches derive from it "
+        "(seeds.*); a sweep over seed keeps the data and its train/test split",
         min=0,
         max=MAX_SEED,
     ),
+    "seeds": {
+        "init": Int(-1, "parameter initialisation; -1: seed", min=-1, max=MAX_SEED),
+        "data_order": Int(-1, "the order of training batches; -1: seed", min=-1, max=MAX_SEED),
+        "split": Int(
+            0,
+            "synthetic data and the train/test split of data without one; fixed by default, so that runs "
+            "with different seeds share one test set; -1: seed",
+            min=-1,
+            max=MAX_SEED,
+        ),
+    },
     "data": {
         "name": Choice("mnist1d", DATASETS, "which data set (see bpjax.data)"),
         "num_samples": Int(5000, "mnist1d and synthetic: total examples before the split", min=2),
@@ -164,6 +176,18 @@ SCHEMA: dict[str, Any] = {
         "max_skipped": Int(
             10, "nonfinite=skip: stop anyway after this many non-finite steps in a row", min=1
         ),
+        "profile": Ints(
+            (),
+            "(start, stop): write a jax.profiler trace of these steps into WORKDIR/tensorboard "
+            "(TensorBoard's profile tab, or Perfetto); (): no trace",
+            min=0,
+        ),
+        "early_stop_patience": Int(
+            0,
+            "> 0: stop when the test metric (checkpoint.keep_best's, else eval_loss) has not improved "
+            "for this many evaluations; 0: train all train.steps",
+            min=0,
+        ),
     },
     "parallel": {
         "strategy": Str("single", "the strategy (see docs/strategies.md)"),
@@ -183,6 +207,12 @@ SCHEMA: dict[str, Any] = {
         "every": Int(0, "save every this many steps and at the end; 0: no checkpoints", min=0),
         "keep": Int(3, "keep the latest this many checkpoints", min=1),
         "async_save": Bool(True, "write in the background while training goes on"),
+        "keep_best": Choice(
+            "",
+            ("", "eval_loss", "eval_accuracy"),
+            "also keep the checkpoint with the best value of this test metric in WORKDIR/best_checkpoint "
+            "(bpjax.load_run(..., best=True)); empty: none",
+        ),
     },
     "distributed": {
         "heartbeat_timeout_s": Int(
@@ -192,6 +222,12 @@ SCHEMA: dict[str, Any] = {
         "init_timeout_s": Int(120, "how long (s) to wait for every process to join", min=1),
     },
 }
+
+
+def seeds(c: mlc.ConfigDict) -> dict[str, int]:
+    """The three seeds a run uses: ``init`` (parameters), ``data_order`` (batches) and ``split`` (synthetic
+    data and the train/test split); ``seeds.X = -1`` takes the top-level ``seed``."""
+    return {k: (v if v >= 0 else c.seed) for k, v in c.seeds.items()}
 
 
 def schema() -> dict[str, Setting]:

@@ -525,7 +525,7 @@ def _prepare(name, task, x, y, x_test, y_test, source: str) -> Dataset:
 
 
 def load(cfg, seed: int) -> Dataset:
-    """Build the data set a config's ``data`` section names (``seed`` is the config's top-level seed)."""
+    """Build the data set a config's ``data`` section names (``seed``: the run's ``seeds.split``)."""
     name = cfg.name
     task = cfg.task
     x_test = y_test = None

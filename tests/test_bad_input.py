@@ -667,6 +667,39 @@ CASES = {
         resume("parallel.strategy=async", "parallel.staleness=1000000"),
         "async needs about",
     ),
+    # Tracking, keep-best, seeds (issue 13).
+    "profile of one step": (sets("train.profile=(5,)"), "train.profile=(5,) must be (start, stop)"),
+    "profile past the end": (sets("train.profile=(5, 5000)"), "start < stop <= train.steps=3000"),
+    "profile backwards": (sets("train.profile=(20, 10)"), "must be (start, stop) with start < stop"),
+    "keep_best of no metric": (sets("checkpoint.keep_best=train_loss"), "checkpoint.keep_best='train_loss'"),
+    "negative patience": (sets("train.early_stop_patience=-1"), "train.early_stop_patience=-1 must be >= 0"),
+    "seeds.split below -1": (sets("seeds.split=-2"), "seeds.split=-2 must be in [-1, 2147483647]"),
+    "seeds.init not a number": (sets("seeds.init='a'"), "seeds.init must be of type int"),
+    # bpjax runs and bpjax predict.
+    "runs in no folder": ("runs {tmp}/nowhere", "bpjax runs: {tmp}/nowhere does not exist"),
+    "runs in a file": ("runs {tmp}/good.csv", "is a file"),
+    "predict from no folder": (
+        "predict {tmp}/nowhere {tmp}/good.csv",
+        "run folder {tmp}/nowhere does not exist",
+    ),
+    "predict from a non-run": ("predict {tmp}/data {tmp}/good.csv", "is not a bpjax run (no config.json)"),
+    "predict without a best checkpoint": (
+        "predict {tmp}/old {tmp}/good.csv --best",
+        "holds no best checkpoint to load; train with --set checkpoint.keep_best=eval_loss",
+    ),
+    "predict missing input": ("predict {tmp}/old {tmp}/missing.npz", "no such file"),
+    "predict text in the input": ("predict {tmp}/old {tmp}/bad.csv", "not a number"),
+    "predict NaN input": ("predict {tmp}/old {tmp}/nan.npz", "example 5 holds a NaN or Inf"),
+    "predict other file type": ("predict {tmp}/old {tmp}/experiment.txt", "must be an .npz file"),
+    "predict wrong feature count": ("predict {tmp}/old {tmp}/good.csv", "the inputs have 3 features"),
+    "predict output type": (
+        "predict {tmp}/old {tmp}/good.csv --output {tmp}/p.txt",
+        "must end in .csv or .npz",
+    ),
+    "predict output folder missing": (
+        "predict {tmp}/old {tmp}/good.csv --output {tmp}/no/p.csv",
+        "its folder does not exist",
+    ),
     # Resources: a run that cannot fit in memory is refused before anything is allocated.
     "widths too large": (sets("model.hidden=(30000, 30000)"), "dp needs about"),
     "staleness too large": (sets(*ASYNC, "parallel.staleness=100000"), "async needs about"),
