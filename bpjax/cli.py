@@ -188,7 +188,19 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field in every run (repeatable)",
     )
     c.add_argument("--workdir", help="output folder (default: runs/compare-YYYYmmdd-HHMMSS)")
-    c.add_argument("--target-loss", type=_finite, default=0.5, help="loss for the steps-to-target column")
+    c.add_argument(
+        "--target-loss",
+        type=_finite,
+        default=None,
+        help="loss for the steps- and time-to-target columns (default: the loss every run reaches, the "
+        "highest of the runs' best mean train losses)",
+    )
+    c.add_argument(
+        "--seeds",
+        help="train every run with each of these seeds (e.g. 0,1,2,3 or 0-3; the data split stays fixed) "
+        "and report mean ± std",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --workdir")
     r = sub.add_parser("runs", help="list finished and unfinished runs, read from their files")
     r.add_argument("directory", nargs="?", default="runs", help="folder to search for runs (default: runs)")
     pr = sub.add_parser("predict", help="predict with a trained run: labels (and probabilities) or targets")
@@ -333,12 +345,15 @@ def _config(args) -> int:
 
 
 def _compare(args) -> int:
-    from bpjax.compare import compare
+    from bpjax.compare import OUTPUTS, compare, parse_seeds
 
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     workdir = Path(args.workdir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    compare(args.experiments, args.overrides, workdir, args.target_loss)
+    compare(
+        args.experiments, args.overrides, workdir, args.target_loss, seeds=seeds, overwrite=args.overwrite
+    )
     print((workdir / "comparison.md").read_text())
-    print(f"wrote {workdir}/comparison.md, comparison.csv, loss_vs_step.png, loss_vs_bytes.png, runs/")
+    print(f"wrote {workdir}/{', '.join(OUTPUTS)}, runs/")
     return 0
 
 

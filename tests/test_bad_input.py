@@ -61,6 +61,8 @@ def files(tmp_path):
         )
     (tmp_path / "labels.idx").write_bytes(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10))
     (tmp_path / "broken.py").write_text("def get_config(:\n")
+    (tmp_path / "cmp").mkdir(exist_ok=True)
+    (tmp_path / "cmp" / "comparison.md").write_text("an earlier comparison\n")
     # Labels and values no model can be built from.
     x = np.random.default_rng(0).normal(size=(40, 3))
     np.savez(tmp_path / "huge_labels.npz", x=x, y=np.array([0, 10**9] * 20))
@@ -675,6 +677,13 @@ CASES = {
     "negative patience": (sets("train.early_stop_patience=-1"), "train.early_stop_patience=-1 must be >= 0"),
     "seeds.split below -1": (sets("seeds.split=-2"), "seeds.split=-2 must be in [-1, 2147483647]"),
     "seeds.init not a number": (sets("seeds.init='a'"), "seeds.init must be of type int"),
+    "compare seeds not numbers": ("compare EXP --seeds 0,x", "--seeds '0,x': give whole numbers"),
+    "compare a seed twice": ("compare EXP --seeds 1,2,1", "names a seed twice"),
+    "compare negative seed": ("compare EXP --seeds=-3", "seed -3 is outside [0, 2147483647]"),
+    "compare into a comparison": (
+        "compare EXP --workdir {tmp}/cmp",
+        "{tmp}/cmp already holds a comparison (comparison.md); choose another --workdir or pass --overwrite",
+    ),
     # bpjax runs and bpjax predict.
     "runs in no folder": ("runs {tmp}/nowhere", "bpjax runs: {tmp}/nowhere does not exist"),
     "runs in a file": ("runs {tmp}/good.csv", "is a file"),
