@@ -40,6 +40,8 @@ MUST_MATCH = (
     "train.loss",
     "train.nonfinite",
 )
+# Of those, what a resume may change on purpose: re-stretching the learning-rate schedule.
+MAY_CHANGE = ("optimizer.schedule_steps",)
 
 
 def _get(config: dict, dotted: str):
@@ -173,8 +175,11 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001  (a damaged folder: the caller falls back to another)
             raise Unreadable(_reason(e)) from None
         ours = self.meta(step)
-        theirs_flat, ours_flat = _flat(meta["config"]), _flat(ours["config"])
-        for key in sorted(set(theirs_flat) | set(ours_flat)):
+        theirs = meta["config"]
+        if "seeds" not in theirs and "seed" in theirs:  # from before seeds.*: seed was all three
+            theirs = {**theirs, "seeds": dict.fromkeys(("init", "data_order", "split"), theirs["seed"])}
+        theirs_flat, ours_flat = _flat(theirs), _flat(ours["config"])
+        for key in sorted((set(theirs_flat) | set(ours_flat)) - set(MAY_CHANGE)):
             if theirs_flat.get(key) != ours_flat.get(key):
                 raise UserError(
                     f"checkpoint {where} was written with {key}={_short(theirs_flat.get(key))}, this run has "
@@ -265,7 +270,11 @@ class Checkpointer:
 def _resolved(config) -> dict:
     """The config as a checkpoint records it: ``model.param_dtype`` as the dtype it resolves to, so
     that ``auto`` and the dtype it stands for (and checkpoints from before ``auto``) match."""
+    from bpjax.config import seeds
+
     d = config.to_dict()
+    if "seeds" in d:  # the seeds used (-1 is the top-level seed), so that old and new spellings match
+        d["seeds"] = seeds(config)
     model = d.get("model", {})
     if "param_dtype" in model:
         model["param_dtype"] = resolve_param_dtype(model.get("dtype", "float32"), model["param_dtype"])

@@ -32,7 +32,7 @@ import ml_collections as mlc
 import numpy as np
 
 from bpjax.errors import UserError, one_line
-from bpjax.schema import Bool, Choice, Float, Int, Ints, Setting, Str
+from bpjax.schema import Bool, Choice, Float, Int, IntOrName, Ints, Setting, Str
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu", "elu", "leaky_relu", "identity")
 INITS = (
@@ -112,7 +112,10 @@ SCHEMA: dict[str, Any] = {
         "labels_path": Str("", "idx: the training labels file"),
         "test_path": Str("", "idx: test images (optional; else test_fraction is split off)"),
         "test_labels_path": Str("", "idx: test labels"),
-        "label_column": Int(-1, "csv: which column holds the label (or target); -1 is the last"),
+        "label_column": IntOrName(
+            -1,
+            "csv: the column that holds the label (or target): its name in the header, or its index (-1: the last)",
+        ),
         "task": Choice(
             "classification", ("classification", "regression"), "npz / csv / idx: the kind of target"
         ),
@@ -154,6 +157,12 @@ SCHEMA: dict[str, Any] = {
         "decay_rate": Float(0.5, "exponential: factor per decay_steps", min=0, max=1, min_open=True),
         "decay_steps": Int(0, "exponential: steps per factor; 0 means train.steps", min=0),
         "clip_norm": Float(0.0, "global-norm gradient clipping; 0 turns it off", min=0),
+        "schedule_steps": Int(
+            0,
+            "steps the learning-rate schedule spans; 0: train.steps when the run started (a --resume with "
+            "more train.steps keeps the schedule; set this to re-stretch it)",
+            min=0,
+        ),
     },
     "train": {
         "steps": Int(1000, "training steps", min=1),
@@ -230,6 +239,18 @@ def seeds(c: mlc.ConfigDict) -> dict[str, int]:
     return {k: (v if v >= 0 else c.seed) for k, v in c.seeds.items()}
 
 
+def schedule_steps(c: mlc.ConfigDict) -> int:
+    """The steps the learning-rate schedule spans (``optimizer.schedule_steps``, else ``train.steps``)."""
+    return c.optimizer.schedule_steps or c.train.steps
+
+
+def _untyped(dotted: str) -> bool:
+    """Keys whose values may be of more than one type (an int or a name)."""
+    section, _, leaf = dotted.rpartition(".")
+    node = SCHEMA.get(section, {}) if section else SCHEMA
+    return isinstance(node, dict) and getattr(node.get(leaf), "item", "") == "int_or_name"
+
+
 def schema() -> dict[str, Setting]:
     """Every declared key, dotted (``train.steps``), with its `Setting`: this module's and the
     strategies' (``parallel.*``). ``parallel.mesh`` is the one open section."""
@@ -259,7 +280,10 @@ def default() -> mlc.ConfigDict:
             if section not in node:
                 node[section] = mlc.ConfigDict()
             node = node[section]
-        node[leaf] = setting.default
+        # A key that takes an int or a name: ml_collections would otherwise fix its type to int.
+        node[leaf] = (
+            mlc.FieldReference(setting.default, field_type=object) if _untyped(key) else setting.default
+        )
     c.parallel.mesh = mlc.ConfigDict({"data": -1})  # axis -> size; -1 is "all remaining devices"
     return c
 
@@ -322,10 +346,26 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
             node = node[part]
     key = parts[-1]
     old = node[key]
+    if isinstance(old, mlc.ConfigDict) and isinstance(value, dict):
+        # A dict sets a section: parallel.mesh (an open set of axes) is replaced whole, others key by key.
+        if any(not isinstance(k, str) or not k for k in value):
+            raise UserError(f"{dotted}={value!r}: the keys of a section are names, e.g. {{'data': 2}}")
+        if dotted == "parallel.mesh":
+            with node.unlocked():
+                node[key] = mlc.ConfigDict({})
+        for k, v in value.items():
+            set_value(c, f"{dotted}.{k}", v)
+        return
     if isinstance(old, mlc.ConfigDict):
         raise UserError(
-            f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(old.keys()))}"
+            f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(old.keys()), 'KEY')}, "
+            "or give a dict of them"
         )
+    if _untyped(dotted) and not isinstance(value, dict | list | tuple) and value is not None:
+        with node.unlocked():  # checked against its declaration in `validate`
+            del node[key]
+            node[key] = value
+        return
     if value is None:  # ml_collections would take None for any field; no key has None among its values
         raise UserError(f"{dotted}=None is not a value; give {_kind(old)} like {old!r}")
     if isinstance(old, tuple) and not isinstance(value, list | tuple):
@@ -520,8 +560,27 @@ def load(path: str | Path, overrides: list[str] | None = None) -> mlc.ConfigDict
     """Load an experiment file's ``get_config()``, apply ``key=value`` overrides, validate. No jax work."""
     c = merge_into_default(from_file(path), source=str(path))
     c = apply_overrides(c, overrides or [])
+    resolve_data_paths(c, path)
     validate(c)
     return c
+
+
+DATA_PATHS = ("path", "labels_path", "test_path", "test_labels_path")
+
+
+def resolve_data_paths(c: mlc.ConfigDict, experiment: str | Path) -> None:
+    """A relative ``data.*path`` that does not exist from the working directory but does beside the
+    experiment file is taken from there (as an absolute path, so ``config.json`` names the file used):
+    an experiment and its data move together, and run from any folder."""
+    here = Path(os.path.abspath(Path(str(experiment)).expanduser())).parent
+    for key in DATA_PATHS:
+        value = c.data[key]
+        if not value or Path(value).expanduser().is_absolute() or Path(value).expanduser().exists():
+            continue
+        beside = here / value
+        if beside.exists():
+            with c.data.unlocked():
+                c.data[key] = str(beside)
 
 
 def merge_into_default(c: mlc.ConfigDict, source: str = "config") -> mlc.ConfigDict:

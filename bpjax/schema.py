@@ -33,6 +33,8 @@ class Setting:
 
     @property
     def kind(self) -> str:
+        if self.item == "int_or_name":
+            return "int or name"
         if self.choices:
             return "choice"
         if isinstance(self.default, tuple):
@@ -60,6 +62,11 @@ class Setting:
                 hint = f"did you mean {match[0]!r}?" if match else f"choose {self.range_text()}"
                 raise UserError(f"{key}={value!r} is not known; {hint}")
             return
+        if self.item == "int_or_name":
+            if isinstance(value, str) and value.strip():
+                return
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"{key}={value!r} must be a whole number or a name in quotes{self._note()}")
         values = value if isinstance(value, tuple) else (value,)
         for i, v in enumerate(values):
             where = f"{key}[{i}]" if isinstance(value, tuple) else key
@@ -116,3 +123,8 @@ def Ints(default: tuple[int, ...], help: str, *, min=None, note: str = "") -> Se
 def Names(default: tuple[str, ...], help: str, *, note: str = "") -> Setting:  # noqa: N802
     """A tuple of names (e.g. layers)."""
     return Setting(tuple(default), help, note=note, item="str")
+
+
+def IntOrName(default: int, help: str) -> Setting:  # noqa: N802
+    """A whole number (an index) or a non-empty name, e.g. a CSV column."""
+    return Setting(default, help, item="int_or_name")

@@ -57,6 +57,7 @@ class Tracker:
     """TensorBoard events (leader only) and the ``train.profile`` trace of one run."""
 
     def __init__(self, config, out: Path | None, leader: bool):
+        from bpjax.config import schedule_steps
         from bpjax.step import make_schedule
 
         self.dir = out / TENSORBOARD if out is not None else None
@@ -66,7 +67,7 @@ class Tracker:
 
             self.writer = SummaryWriter(str(self.dir), flush_secs=30)
             self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```", 0)
-        self.schedule = make_schedule(config.optimizer, config.train.steps)
+        self.schedule = make_schedule(config.optimizer, schedule_steps(config))
         self.profile = tuple(config.train.profile) if self.dir is not None else ()
         self.tracing = False
 

@@ -26,6 +26,7 @@ import ml_collections as mlc
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bpjax import config as cfg_lib
 from bpjax import data as data_lib
 from bpjax import distributed, faults, tracking
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
@@ -115,9 +116,22 @@ def run(
       Interrupted: SIGINT or SIGTERM; a checkpoint was saved at the step reached (with a workdir).
       WriteFailed: a write failed (a full disk); the last complete checkpoint stays.
     """
+    config, asked = _resolve_schedule(config, workdir, resume)
     setup = prepare(config)
     tracking.check(setup.config, workdir)
     output = check_output(setup, workdir, overwrite, resume, restore=True)
+    if output.state is not None and distributed.is_leader():
+        n = setup.config.optimizer.schedule_steps
+        how = (
+            "as asked (optimizer.schedule_steps)"
+            if asked
+            else "as when the run started; --set optimizer.schedule_steps=N re-stretches it"
+        )
+        print(
+            f"resuming at step {output.start} of {setup.config.train.steps}: the learning-rate schedule "
+            f"spans {n} steps, {how}",
+            flush=True,
+        )
     run_dir = _open_run(setup, output, overwrite)
     try:
         loop = _Loop(setup, output, run_dir)
@@ -150,6 +164,23 @@ def run(
     finally:
         loop.close()
     return result
+
+
+def _resolve_schedule(config: mlc.ConfigDict, workdir, resume: bool) -> tuple[mlc.ConfigDict, bool]:
+    """``optimizer.schedule_steps = 0`` is the ``train.steps`` the run started with: fixed here, so that
+    ``config.json`` and the checkpoints record it and a resume with more steps keeps the schedule (read
+    from the run's ``config.json``). Returns the config and whether the user set it."""
+    config = cfg_lib.merge_into_default(config)
+    if config.optimizer.schedule_steps:
+        return config, True
+    steps = config.train.steps
+    if resume and workdir is not None:
+        try:
+            before = json.loads((Path(workdir).expanduser() / "config.json").read_text())
+            steps = before["optimizer"].get("schedule_steps") or before["train"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no readable config.json: check_output says what is wrong with the folder
+    return cfg_lib.apply_overrides(config, [f"optimizer.schedule_steps={int(steps)}"]), False
 
 
 def _open_run(setup: Setup, output: Output, overwrite: bool) -> RunDir | None:

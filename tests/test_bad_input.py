@@ -61,6 +61,9 @@ def files(tmp_path):
         )
     (tmp_path / "labels.idx").write_bytes(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10))
     (tmp_path / "broken.py").write_text("def get_config(:\n")
+    (tmp_path / "named.csv").write_text(
+        "x1,x2,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(20))
+    )
     (tmp_path / "cmp").mkdir(exist_ok=True)
     (tmp_path / "cmp" / "comparison.md").write_text("an earlier comparison\n")
     # Labels and values no model can be built from.
@@ -496,6 +499,18 @@ CASES = {
     "label column too negative": (
         csv("good.csv", "data.label_column=-4"),
         "data.label_column=-4 is outside the 3 columns",
+    ),
+    "label column misspelt": (
+        csv("named.csv", "data.label_column=lable"),
+        "data.label_column='lable' is not a column of {tmp}/named.csv; did you mean 'label'?",
+    ),
+    "label name without a header": (
+        csv("good.csv", "data.label_column=label"),
+        "data.label_column='label' names a column, but {tmp}/good.csv has no header row",
+    ),
+    "label column a fraction": (
+        csv("good.csv", "data.label_column=1.5"),
+        "data.label_column=1.5 must be a whole number or a name in quotes",
     ),
     # IDX and gzip files.
     "idx of 0 dimensions": (idx("{tmp}/zero_dim.idx"), "holds a 0-dimensional IDX array (one number)"),

@@ -177,3 +177,27 @@ def test_early_stopping_and_a_profile_trace(tmp_path):
     # train.profile: a jax.profiler trace for TensorBoard (xplane) and Perfetto (trace.json.gz).
     traces = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "r" / "tensorboard").rglob("*.*.*"))
     assert "xplane.pb" in traces and "trace.json.gz" in traces, traces
+
+
+def test_resume_keeps_the_schedule_unless_asked(tmp_path, capsys):
+    """Raising train.steps on --resume keeps the cosine schedule of the first start (one line says so);
+    optimizer.schedule_steps re-stretches it."""
+    first = small_config("train.steps=20", "checkpoint.every=10", "checkpoint.keep_best=''")
+    bpjax.run(first, tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["optimizer"]["schedule_steps"] == 20
+    capsys.readouterr()
+    longer = small_config("train.steps=40", "checkpoint.every=10", "checkpoint.keep_best=''")
+    bpjax.run(longer, tmp_path / "r", resume=True)
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    assert line == (
+        "resuming at step 20 of 40: the learning-rate schedule spans 20 steps, as when the run started; "
+        "--set optimizer.schedule_steps=N re-stretches it"
+    )
+    lr = dict(read_scalars(tmp_path / "r" / "tensorboard")["train/learning_rate"])
+    assert lr[30] == pytest.approx(0.0, abs=1e-9) and lr[40] == pytest.approx(0.0, abs=1e-9)  # decayed at 20
+    # Asked: the schedule spans 60 steps from the start, so it is part-way down at step 40.
+    restretch = cfg_lib.apply_overrides(longer, ["train.steps=60", "optimizer.schedule_steps=60"])
+    bpjax.run(restretch, tmp_path / "r", resume=True)
+    assert "spans 60 steps, as asked (optimizer.schedule_steps)" in capsys.readouterr().out
+    lr = dict(read_scalars(tmp_path / "r" / "tensorboard")["train/learning_rate"])
+    assert lr[50] == pytest.approx(0.03 * 0.5 * (1 + np.cos(np.pi * 49 / 60)), rel=1e-5)
