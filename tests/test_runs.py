@@ -201,3 +201,26 @@ def test_resume_keeps_the_schedule_unless_asked(tmp_path, capsys):
     assert "spans 60 steps, as asked (optimizer.schedule_steps)" in capsys.readouterr().out
     lr = dict(read_scalars(tmp_path / "r" / "tensorboard")["train/learning_rate"])
     assert lr[50] == pytest.approx(0.03 * 0.5 * (1 + np.cos(np.pi * 49 / 60)), rel=1e-5)
+
+
+def test_a_run_from_before_seeds_and_schedule_steps_resumes(tmp_path, capsys):
+    """Checkpoints and config.json written before seeds.* and optimizer.schedule_steps existed."""
+    c = small_config("train.steps=20", "checkpoint.every=10", "checkpoint.keep_best=''", "seed=3")
+    bpjax.run(c, tmp_path / "r")
+    for meta_file in (tmp_path / "r" / "checkpoints").glob("*/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        assert meta["config"]["seeds"] == {"init": 3, "data_order": 3, "split": 0}  # as used
+        del meta["config"]["seeds"], meta["config"]["optimizer"]["schedule_steps"]
+        meta["config"]["seed"] = 0  # then seed was all three; split 0 is what this run used too
+        meta_file.write_text(json.dumps(meta))
+    old = json.loads((tmp_path / "r" / "config.json").read_text())
+    del old["seeds"], old["optimizer"]["schedule_steps"]
+    (tmp_path / "r" / "config.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    resumed = small_config("train.steps=30", "checkpoint.every=10", "checkpoint.keep_best=''", "seed=0")
+    resumed = cfg_lib.apply_overrides(resumed, ["seeds.init=3", "seeds.data_order=3"])
+    with pytest.raises(bpjax.UserError, match="written with seeds.data_order=0, this run has 3"):
+        bpjax.run(resumed, tmp_path / "r", resume=True)
+    same = small_config("train.steps=30", "checkpoint.every=10", "checkpoint.keep_best=''", "seed=0")
+    bpjax.run(same, tmp_path / "r", resume=True)
+    assert "spans 20 steps, as when the run started" in capsys.readouterr().out
