@@ -171,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field"
     )
     cfg.add_argument(
+        "--examples",
+        action="store_true",
+        help="list the example experiments and studies that ship with bpjax (bpjax run NAME runs one)",
+    )
+    cfg.add_argument(
         "--schema",
         action="store_true",
         help="print every key with its type, default, valid values and meaning (docs/configuration.md)",
@@ -334,6 +339,13 @@ def _config(args) -> int:
 
     if args.schema:
         print(cfg_lib.reference_markdown(), end="")
+        return 0
+    if args.examples:
+        folder = cfg_lib.examples_dir()
+        for name in cfg_lib.examples():
+            doc = (folder / f"{name}.py").read_text().split('"""')
+            first = doc[1].strip().splitlines()[0] if len(doc) > 2 and doc[1].strip() else ""
+            print(f"{name:28s} {first}")
         return 0
     if args.experiment:
         config = cfg_lib.load(args.experiment, args.overrides)

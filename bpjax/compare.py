@@ -40,7 +40,7 @@ def load_runs(paths: list[str], overrides: list[str]) -> dict[str, mlc.ConfigDic
             if name in runs:
                 raise UserError(f"two runs are named {name!r}; give each run in a comparison its own name")
             c = cfg_lib.apply_overrides(cfg_lib.merge_into_default(c, source=f"{path}:{name}"), overrides)
-            cfg_lib.resolve_data_paths(c, path)
+            cfg_lib.resolve_data_paths(c, cfg_lib.find_experiment(path))
             with c.unlocked():
                 c.name = name
             cfg_lib.validate(c)

@@ -401,6 +401,35 @@ def apply_overrides(c: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
     return c
 
 
+def examples_dir() -> Path | None:
+    """The example experiments: ``bpjax/experiments`` in an installed wheel, ``experiments/`` beside the
+    package in a source checkout (editable install)."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "experiments", package.parent / "experiments"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def examples() -> list[str]:
+    """The names of the packaged example experiments and studies (``bpjax run NAME`` finds them)."""
+    folder = examples_dir()
+    return sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_")) if folder else []
+
+
+def find_experiment(path: str | Path) -> str | Path:
+    """``path`` itself if it exists; else, for a bare name (``mnist1d_dp`` or ``mnist1d_dp.py``), the
+    packaged example of that name; else ``path`` (for `_user_file` to report)."""
+    text = str(path)
+    if Path(text).expanduser().exists() or "/" in text or os.sep in text:
+        return path
+    folder = examples_dir()
+    name = text if text.endswith(".py") else text + ".py"
+    if folder is not None and (folder / name).is_file():
+        return str(folder / name)
+    return path
+
+
 def _user_file(path: str | Path, what: str) -> Path:
     """``path`` (``~`` expanded) if it names a readable regular file; else a one-line error naming it."""
     text = str(path)
@@ -413,10 +442,13 @@ def _user_file(path: str | Path, what: str) -> Path:
         near = []
         if p.parent.is_dir():
             near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1, cutoff=0.6)
+        named = difflib.get_close_matches(p.stem, examples(), n=1, cutoff=0.6) if "/" not in text else []
         hint = (
             f"did you mean {str(p.parent / near[0])!r}?"
             if near
-            else "pass a path such as experiments/mnist1d_dp.py"
+            else f"did you mean the example {named[0]!r}?"
+            if named
+            else "pass a path such as experiments/mnist1d_dp.py, or an example's name (bpjax config --examples)"
         )
         raise UserError(f"{what} {text!r} not found; {hint}")
     if text.endswith(("/", "\\")):
@@ -448,6 +480,7 @@ def _failure(e: BaseException, path: Path) -> str:
 def load_module(path: str | Path):
     """Import an experiment or study file; a file that is missing, not Python, or fails to run is one
     line naming it and the fix."""
+    path = find_experiment(path)
     p = _user_file(path, "experiment file")
     if p.suffix != ".py":
         hint = " (a run's config.json is not an experiment)" if p.suffix == ".json" else ""
@@ -558,6 +591,7 @@ def from_study(path: str | Path) -> dict[str, mlc.ConfigDict]:
 
 def load(path: str | Path, overrides: list[str] | None = None) -> mlc.ConfigDict:
     """Load an experiment file's ``get_config()``, apply ``key=value`` overrides, validate. No jax work."""
+    path = find_experiment(path)
     c = merge_into_default(from_file(path), source=str(path))
     c = apply_overrides(c, overrides or [])
     resolve_data_paths(c, path)

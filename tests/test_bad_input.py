@@ -383,6 +383,7 @@ CASES = {
     # --------------------------------------------------------------------------- the experiment file
     "missing experiment": ("run no/such/experiment.py", "experiment file 'no/such/experiment.py' not found"),
     "misspelt experiment": ("run {tmp}/brokn.py", "not found; did you mean '{tmp}/broken.py'?"),
+    "misspelt example name": ("run mnist1d_dpp", "not found; did you mean the example 'mnist1d_dp'?"),
     "broken experiment": ("run {tmp}/broken.py", "broken.py failed to load: SyntaxError"),
     "experiment a folder": ("run {tmp}", "is a folder; pass one .py file"),
     "experiment with a slash": ("run {tmp}/broken.py/", "ends with a slash but is a file"),
