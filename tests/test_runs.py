@@ -224,3 +224,21 @@ def test_a_run_from_before_seeds_and_schedule_steps_resumes(tmp_path, capsys):
     same = small_config("train.steps=30", "checkpoint.every=10", "checkpoint.keep_best=''", "seed=0")
     bpjax.run(same, tmp_path / "r", resume=True)
     assert "spans 20 steps, as when the run started" in capsys.readouterr().out
+
+
+def test_load_run_of_a_strategy_with_state_of_its_own(tmp_path):
+    """async keeps delayed gradients of its own (checkpoints not portable): restored under async, gathered."""
+    c = small_config(
+        "train.steps=20",
+        "checkpoint.keep_best=''",
+        "parallel.strategy=async",
+        "parallel.staleness=1",
+        "parallel.mesh.data=2",
+    )
+    result = bpjax.run(c, tmp_path / "r")
+    run = bpjax.load_run(tmp_path / "r")
+    assert run.step == 20 and run.config.parallel.strategy == "async"
+    assert run.evaluate()["eval_accuracy"] == pytest.approx(result.summary["eval_accuracy"], abs=1e-9)
+    from bpjax.testing import assert_trees_close
+
+    assert_trees_close(run.params, result.state.params, rtol=0, atol=0)  # bit for bit
