@@ -81,8 +81,10 @@ class Tracker:
         if self.profile and not self.tracing and first_step <= self.profile[0] < last_step:
             import jax
 
-            self.dir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.dir))
+            # Several processes on one host would write the same file name: one folder each.
+            where = self.dir if jax.process_count() == 1 else self.dir / f"process_{jax.process_index()}"
+            where.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(where))
             self.tracing = True
 
     def wants_sync(self, done: int) -> bool:

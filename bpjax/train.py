@@ -262,7 +262,7 @@ class _Loop:
         self.since_best = output.loop.get("since_best", 0)
         self.stopped_early = False
         self.best_ckpt = None
-        if c.keep_best and out is not None and self.leader:
+        if c.keep_best and out is not None:  # every process: orbax saves sharded state together
             self.best_ckpt = Checkpointer(out / BEST, config, strategy, keep=1)
 
     def start(self):
