@@ -56,7 +56,7 @@ def check(config, workdir) -> None:
 class Tracker:
     """TensorBoard events (leader only) and the ``train.profile`` trace of one run."""
 
-    def __init__(self, config, out: Path | None, leader: bool):
+    def __init__(self, config, out: Path | None, leader: bool, purge_from: int = 0):
         from bpjax.config import schedule_steps
         from bpjax.step import make_schedule
 
@@ -65,7 +65,9 @@ class Tracker:
         if self.dir is not None and leader:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.dir), flush_secs=30)
+            # purge_from: a resumed run trains the steps from there again; TensorBoard drops the earlier
+            # run's points from that step on (purge_step), as metrics.jsonl drops its rows.
+            self.writer = SummaryWriter(str(self.dir), flush_secs=30, purge_step=purge_from or None)
             self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```", 0)
         self.schedule = make_schedule(config.optimizer, schedule_steps(config))
         self.profile = tuple(config.train.profile) if self.dir is not None else ()
@@ -125,7 +127,8 @@ class Tracker:
 
 def read_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the TensorBoard event files under ``folder``: tag -> [(step, value)], in the
-    order written. Reads the TFRecord framing directly with tensorboardX's protobuf (no TensorBoard)."""
+    order written, as TensorBoard shows them (a resume's restart purges the later points). Reads the
+    TFRecord framing directly with tensorboardX's protobuf (no TensorBoard needed)."""
     import struct
 
     from tensorboardX.proto import event_pb2
@@ -139,6 +142,9 @@ def read_scalars(folder: str | Path) -> dict[str, list[tuple[int, float]]]:
             record = data[i + 12 : i + 12 + length]  # after the length and its CRC
             i += 12 + length + 4  # and the record's CRC
             event = event_pb2.Event.FromString(record)
+            if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+                # A resumed run (purge_step): TensorBoard drops the points from that step on.
+                out = {tag: [(s, v) for s, v in points if s < event.step] for tag, points in out.items()}
             for value in event.summary.value:
                 if value.HasField("simple_value"):
                     out.setdefault(value.tag, []).append((int(event.step), float(value.simple_value)))

@@ -251,7 +251,8 @@ class _Loop:
         self.signal: int | None = None  # SIGINT or SIGTERM received, acted on at the next sync
         self._handlers: dict = {}
         self.done = start  # steps dispatched
-        self.tracker = tracking.Tracker(config, out, self.leader)
+        # A resume trains the steps after ``start`` again: TensorBoard purges the old points from there.
+        self.tracker = tracking.Tracker(config, out, self.leader, start + 1 if resume else 0)
         # checkpoint.keep_best and train.early_stop_patience: the test metric's best value so far (signed:
         # lower is better), its step, and how many evaluations since it improved.
         c = config.checkpoint

@@ -186,13 +186,21 @@ def test_resume_keeps_the_schedule_unless_asked(tmp_path, capsys):
     bpjax.run(first, tmp_path / "r")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["optimizer"]["schedule_steps"] == 20
     capsys.readouterr()
+    import shutil
+
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "20")  # as if stopped before it was saved
     longer = small_config("train.steps=40", "checkpoint.every=10", "checkpoint.keep_best=''")
     bpjax.run(longer, tmp_path / "r", resume=True)
     line = capsys.readouterr().out.strip().splitlines()[0]
     assert line == (
-        "resuming at step 20 of 40: the learning-rate schedule spans 20 steps, as when the run started; "
+        "resuming at step 10 of 40: the learning-rate schedule spans 20 steps, as when the run started; "
         "--set optimizer.schedule_steps=N re-stretches it"
     )
+    # TensorBoard drops the first run's step 20 (purge_step), as metrics.jsonl drops its row.
+    losses = read_scalars(tmp_path / "r" / "tensorboard")["train/loss"]
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [s for s, _ in losses] == [r["step"] for r in rows] == [10, 20, 30, 40]
+    np.testing.assert_allclose([v for _, v in losses], [r["train_loss"] for r in rows], rtol=1e-6)
     lr = dict(read_scalars(tmp_path / "r" / "tensorboard")["train/learning_rate"])
     assert lr[30] == pytest.approx(0.0, abs=1e-9) and lr[40] == pytest.approx(0.0, abs=1e-9)  # decayed at 20
     # Asked: the schedule spans 60 steps from the start, so it is part-way down at step 40.
