@@ -74,3 +74,20 @@ def test_every_strategy_is_documented(root):
     for name in strategies.REGISTRY:
         assert name in rows, f"README.md's strategy table has no row for {name!r}"
         assert name in named, f"docs/strategies.md has no section heading naming `{name}`"
+
+
+def test_experiment_results_are_measured_and_stamped(root):
+    """docs/experiments.md's results come from benchmarks/experiment_results.py, with a stamp line naming
+    the command, date, machine and JAX version, and a row for every experiment file."""
+    text = (root / "docs" / "experiments.md").read_text()
+    block = text.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
+    stamp = re.search(
+        r"Measured by `python benchmarks/experiment_results.py --write` on (\d{4}-\d\d-\d\d): .*jax (\S+),",
+        block,
+    )
+    assert stamp, "no stamp line; run: python benchmarks/experiment_results.py --write"
+    rows = set(re.findall(r"^\| `([^`]+)` \|", block, re.MULTILINE))
+    files = {p.stem for p in (root / "experiments").glob("*.py") if "def get_configs" not in p.read_text()}
+    assert files <= rows, (
+        f"{sorted(files - rows)} have no measured row; run: python benchmarks/experiment_results.py --write"
+    )
