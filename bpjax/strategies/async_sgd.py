@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
+from bpjax.errors import UserError
 from bpjax.schema import Bool
 from bpjax.step import Problem, TrainState
 from bpjax.strategies import threaded
@@ -76,6 +77,8 @@ def make(
         )
     if replay:
         return threaded.make_replay(problem, mesh, name="async", path=replay)
+    if staleness < 0:  # also for callers that build it without validating the whole config
+        raise UserError(threaded.UNBOUNDED)
     s, random = staleness, random_staleness
     mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "async"))
     slots = s + 1

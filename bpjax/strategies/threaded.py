@@ -64,6 +64,10 @@ EVENTS = "staleness.jsonl"  # the trace a threads run writes into its workdir
 # Config sections a replay must share with the run that recorded the trace (as a resume must).
 MUST_MATCH = ("seed", "data", "model", "optimizer", "train.batch_size", "train.loss", "train.steps_per_call")
 
+UNBOUNDED = (
+    "parallel.staleness=-1 (unbounded) needs parallel.execution=threads; the simulation needs a fixed bound"
+)
+
 # The settings `async` and `param_server` share (one declaration, as the registry requires).
 SETTINGS = {
     "execution": Choice(
@@ -105,10 +109,7 @@ def check(config) -> None:
         what = "in threads execution the delays are real" if threads else "the trace fixes every delay"
         raise UserError(f"parallel.random_staleness has no meaning here ({what}); set it to False")
     if p.staleness == -1 and not threads:
-        raise UserError(
-            "parallel.staleness=-1 (unbounded) needs parallel.execution=threads; the simulation needs a "
-            "fixed bound"
-        )
+        raise UserError(UNBOUNDED)
     if p.replay:
         check_trace(read_trace(p.replay), config)
 
@@ -210,8 +211,8 @@ class _Programs:
         d = self.devices[w % len(self.devices)]
         return self.grad[w % len(self.devices)](params, jax.device_put(batch_t, d))
 
-    def push(self, state: TrainState, grads) -> TrainState:
-        return self.apply(state, jax.device_put(grads, self.server))
+    def to_server(self, grads):
+        return jax.device_put(grads, self.server)
 
     def fetch(self, w: int, params):
         return jax.device_put(params, self.devices[w % len(self.devices)])
@@ -361,6 +362,7 @@ class _Call:
         try:
             params, read, done = None, 0, 0
             while True:
+                fetched = None
                 with self.cond:
                     self.cond.wait_for(lambda: self.next >= self.K or self.error or self._may_start(w))
                     if self.next >= self.K or self.error:
@@ -368,15 +370,19 @@ class _Call:
                     j = self.next
                     self.next += 1
                     if done % self.fetch_every == 0:  # the first batch of a call always fetches
-                        params, read = self.p.fetch(w, self.state.params), self.version
+                        fetched, read = self.state.params, self.version
+                # Versions are never changed in place (no donation), so copies happen outside the lock.
+                if fetched is not None:
+                    params = self.p.fetch(w, fetched)
                 batch_t = {k: v[j] for k, v in self.batch.items()}
                 began = time.perf_counter()
                 loss, grads = self.p.gradient(w, params, batch_t)
                 jax.block_until_ready(grads)
                 if self.slow[w] > 1:  # a straggler: its own work takes slow[w] times as long
                     time.sleep((self.slow[w] - 1) * (time.perf_counter() - began))
-                with self.cond:
-                    self.state = jax.block_until_ready(self.p.push(self.state, grads))
+                grads = self.p.to_server(grads)
+                with self.cond:  # the server: one update at a time, in arrival order
+                    self.state = self.p.apply(self.state, grads)
                     self.version += 1
                     i = self.version - self.start - 1
                     self.losses[i], self.stale[i] = loss, self.version - 1 - read
@@ -425,7 +431,7 @@ def make_replay(problem: Problem, mesh: dict, *, name: str, path: str) -> Strate
                     )
                 params = programs.fetch(u["worker"], versions[r].params)
                 loss, grads = programs.gradient(u["worker"], params, {k: v[t] for k, v in batch.items()})
-                state = versions[u["step"]] = programs.push(state, grads)
+                state = versions[u["step"]] = programs.apply(state, programs.to_server(grads))
                 for v in [v for v in versions if v != u["step"] and last_read.get(v, -1) <= i]:
                     del versions[v]
                 losses.append(loss)
