@@ -341,6 +341,8 @@ class _Call:
         self.cond = threading.Condition()
         self.losses, self.stale, self.events = [None] * self.K, [0] * self.K, [None] * self.K
         self.error: BaseException | None = None
+        # Every worker starts claiming batches at once (not the first thread started before the last).
+        self.ready = threading.Barrier(W)
 
     def run(self):
         threads = [threading.Thread(target=self.worker, args=(w,), daemon=True) for w in range(self.W)]
@@ -360,6 +362,7 @@ class _Call:
 
     def worker(self, w: int) -> None:
         try:
+            self.ready.wait()
             params, read, done = None, 0, 0
             while True:
                 fetched = None
