@@ -138,7 +138,8 @@ def cost(inp: CostInput) -> Cost:
 
 DEFINITION = Definition(
     name="async",
-    summary="asynchronous SGD with stale gradients (fixed or random delay), simulated deterministically",
+    summary="asynchronous SGD with stale gradients: simulated deterministically (fixed or random delay), "
+    "or real worker threads with an SSP bound, stragglers and a bit-exact replay",
     layout="In[B_data, D] · W_(t-tau)[D, F]; W and tau+1 versions replicated",
     make=make,
     axes=(AXIS,),

@@ -256,7 +256,8 @@ def cost(inp: CostInput) -> Cost:
 
 DEFINITION = Definition(
     name="param_server",
-    summary="Downpour-style parameter server: workers push gradients every n_push, fetch every n_fetch steps",
+    summary="Downpour-style parameter server: workers push gradients every n_push, fetch every n_fetch steps "
+    "(simulated, or real worker threads)",
     layout="server W[D, F_data] sharded over the devices; workers In[B_data, D] · W_cache[D, F]",
     make=make,
     axes=(AXIS,),
