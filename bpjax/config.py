@@ -251,6 +251,15 @@ def _untyped(dotted: str) -> bool:
     return isinstance(node, dict) and getattr(node.get(leaf), "item", "") == "int_or_name"
 
 
+def with_schedule_steps(d: dict) -> dict:
+    """A config as a dict, with ``optimizer.schedule_steps`` as the steps it stands for (0 and a config
+    from before the key: ``train.steps``), for comparing configs that record it with ones that do not."""
+    opt, train = d.get("optimizer"), d.get("train")
+    if isinstance(opt, dict) and isinstance(train, dict) and not opt.get("schedule_steps"):
+        d = {**d, "optimizer": {**opt, "schedule_steps": train.get("steps")}}
+    return d
+
+
 def schema() -> dict[str, Setting]:
     """Every declared key, dotted (``train.steps``), with its `Setting`: this module's and the
     strategies' (``parallel.*``). ``parallel.mesh`` is the one open section."""
@@ -346,6 +355,19 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
             node = node[part]
     key = parts[-1]
     old = node[key]
+    if dotted in _dict_keys():
+        if hasattr(value, "to_dict"):
+            value = value.to_dict()
+        if not isinstance(value, dict):
+            raise UserError(f"{dotted} must be a dict like {{3: 4.0}}, got {value!r}")
+        # JSON (config.json) writes whole-number keys as strings: read them back as numbers.
+        value = {
+            int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k: v
+            for k, v in value.items()
+        }
+        with node.unlocked():
+            node[key] = value
+        return
     if isinstance(old, mlc.ConfigDict) and isinstance(value, dict):
         # A dict sets a section: parallel.mesh (an open set of axes) is replaced whole, others key by key.
         if any(not isinstance(k, str) or not k for k in value):
@@ -633,10 +655,17 @@ def merge_into_default(c: mlc.ConfigDict, source: str = "config") -> mlc.ConfigD
     return base
 
 
+def _dict_keys() -> set[str]:
+    """The keys whose values are whole dicts (e.g. ``parallel.stragglers``), set and checked whole."""
+    return {key for key, s in schema().items() if s.item == "dict"}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not (prefix + k == "parallel.mesh"):
+        if isinstance(v, dict) and prefix + k in _dict_keys():
+            out[prefix + k] = v
+        elif isinstance(v, dict) and not (prefix + k == "parallel.mesh"):
             out.update(_flatten(v, prefix + k + "."))
         elif isinstance(v, dict):
             for axis, size in v.items():

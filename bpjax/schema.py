@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from bpjax.errors import UserError
@@ -37,6 +38,8 @@ class Setting:
             return "int or name"
         if self.choices:
             return "choice"
+        if self.item == "dict":
+            return "dict of whole number -> number"
         if isinstance(self.default, tuple):
             return f"tuple of {self.item or 'values'}"
         return type(self.default).__name__
@@ -61,6 +64,18 @@ class Setting:
                 match = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1, cutoff=0.5)
                 hint = f"did you mean {match[0]!r}?" if match else f"choose {self.range_text()}"
                 raise UserError(f"{key}={value!r} is not known; {hint}")
+            return
+        if self.item == "dict":
+            value = value.to_dict() if hasattr(value, "to_dict") else value  # a ConfigDict section
+            if not isinstance(value, Mapping):
+                raise UserError(f"{key}={value!r} must be a dict like {{3: 4.0}}{self._note()}")
+            for k, v in value.items():
+                if not isinstance(k, int) or isinstance(k, bool):
+                    raise UserError(f"{key}: key {k!r} must be a whole number{self._note()}")
+                if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                    raise UserError(f"{key}[{k}]={v!r} must be a finite number{self._note()}")
+                if not self._in_range(v):
+                    raise UserError(f"{key}[{k}]={v!r} must be {self.range_text()}{self._note()}")
             return
         if self.item == "int_or_name":
             if isinstance(value, str) and value.strip():
@@ -128,3 +143,9 @@ def Names(default: tuple[str, ...], help: str, *, note: str = "") -> Setting:  #
 def IntOrName(default: int, help: str) -> Setting:  # noqa: N802
     """A whole number (an index) or a non-empty name, e.g. a CSV column."""
     return Setting(default, help, item="int_or_name")
+
+
+def Dict(default: dict, help: str, *, min=None, note: str = "") -> Setting:  # noqa: N802
+    """A dict of whole number -> number (e.g. worker -> slowdown), each number at least ``min``. Set
+    whole, in an experiment file or with ``--set KEY="{3: 4.0}"``."""
+    return Setting(dict(default), help, min=min, note=note, item="dict")

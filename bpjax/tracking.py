@@ -21,6 +21,7 @@ The train loop calls a `Tracker` at three points: before a call (`before_call`),
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from bpjax.errors import UserError
@@ -67,7 +68,15 @@ class Tracker:
 
             # purge_from: a resumed run trains the steps from there again; TensorBoard drops the earlier
             # run's points from that step on (purge_step), as metrics.jsonl drops its rows.
-            self.writer = SummaryWriter(str(self.dir), flush_secs=30, purge_step=purge_from or None)
+            # tensorboardX names the file by the second and the host: a run resumed within the same
+            # second would overwrite the first's. Nanoseconds keep names unique and in order (TensorBoard
+            # reads a folder's files in name order, as `read_scalars` does).
+            self.writer = SummaryWriter(
+                str(self.dir),
+                flush_secs=30,
+                purge_step=purge_from or None,
+                filename_suffix=f".{time.time_ns()}",
+            )
             self.writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```", 0)
         self.schedule = make_schedule(config.optimizer, schedule_steps(config))
         self.profile = tuple(config.train.profile) if self.dir is not None else ()

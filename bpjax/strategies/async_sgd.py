@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
-from bpjax.schema import Bool, Int
+from bpjax.errors import UserError
+from bpjax.schema import Bool
 from bpjax.step import Problem, TrainState
+from bpjax.strategies import threaded
 from bpjax.strategies.base import (
     Cost,
     CostInput,
@@ -59,7 +61,24 @@ def delays(step: jax.Array, worker: jax.Array, staleness: int, random: bool, see
     return jax.random.randint(key, (), 0, staleness + 1, dtype=jnp.int32)
 
 
-def make(problem: Problem, mesh: dict, *, staleness: int, random_staleness: bool) -> Strategy:
+def make(
+    problem: Problem,
+    mesh: dict,
+    *,
+    staleness: int,
+    random_staleness: bool,
+    execution: str,
+    stragglers: dict,
+    replay: str,
+) -> Strategy:
+    if execution == "threads":
+        return threaded.make_threads(
+            problem, mesh, name="async", staleness=staleness, fetch_every=1, stragglers=stragglers
+        )
+    if replay:
+        return threaded.make_replay(problem, mesh, name="async", path=replay)
+    if staleness < 0:  # also for callers that build it without validating the whole config
+        raise UserError(threaded.UNBOUNDED)
     s, random = staleness, random_staleness
     mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "async"))
     slots = s + 1
@@ -107,6 +126,8 @@ def make(problem: Problem, mesh: dict, *, staleness: int, random_staleness: bool
 
 
 def cost(inp: CostInput) -> Cost:
+    if inp.settings.execution == "threads" or inp.settings.replay:
+        return threaded.cost(inp)
     s = inp.settings.staleness
     notes = [
         f"async keeps {s + 1} versions of the parameters on every device (see state as stored); the "
@@ -117,24 +138,26 @@ def cost(inp: CostInput) -> Cost:
 
 DEFINITION = Definition(
     name="async",
-    summary="asynchronous SGD with stale gradients (fixed or random delay), simulated deterministically",
+    summary="asynchronous SGD with stale gradients: simulated deterministically (fixed or random delay), "
+    "or real worker threads with an SSP bound, stragglers and a bit-exact replay",
     layout="In[B_data, D] · W_(t-tau)[D, F]; W and tau+1 versions replicated",
     make=make,
     axes=(AXIS,),
     settings={
-        "staleness": Int(
-            0,
-            "gradient delay tau (or its bound s with random_staleness)",
-            min=0,
-            note="0 is synchronous dp",
-        ),
+        "staleness": threaded.SETTINGS["staleness"],
         "random_staleness": Bool(False, "draw tau per step and worker uniformly from [0, staleness]"),
+        "execution": threaded.SETTINGS["execution"],
+        "stragglers": threaded.SETTINGS["stragglers"],
+        "replay": threaded.SETTINGS["replay"],
     },
+    check=threaded.check,
     cost=cost,
     placement=replicated_placement,
     examples=(
         Example({"data": 8}, {"staleness": 0}),
         Example({"data": 4}, {"staleness": 0}),
         Example({"data": 1}, {"staleness": 0}),
+        # One worker thread: it reads the parameters the last update made, so this is single exactly.
+        Example({"data": 1}, {"execution": "threads"}),
     ),
 )

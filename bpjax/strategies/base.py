@@ -23,6 +23,9 @@ Contract of a built `Strategy` (checked for every registered strategy by ``tests
   batch_rows(batch_size)      -> the rows of each global batch this process's devices hold (all of them
                                  in a single-process run); ``shard_batch`` then takes just those rows
   checkpointing               -> how the state goes into a checkpoint and comes back (`Checkpointing`)
+  events                      -> None, or the name of a file in the workdir for per-step records: the
+                                 step's metrics then carry ``"events"``, a list of JSON-able dicts each
+                                 with a ``"step"``, which the loop writes there (threads runs: the trace)
 After n steps, ``gather(state)`` equals the ``single`` strategy's state to floating-point tolerance.
 
 In a multi-process run (`bpjax.distributed`) every process calls the same functions: ``shard_batch``
@@ -74,6 +77,7 @@ class Strategy(NamedTuple):
     checkpointing: Checkpointing
     mesh: jax.sharding.Mesh | None = None
     batch_rows: Callable[[int], slice] = lambda batch_size: slice(None)
+    events: str | None = None  # a file of per-step records the loop writes (see the contract above)
 
     @property
     def num_devices(self) -> int:
@@ -209,6 +213,21 @@ class Definition:
 
 
 # -------------------------------------------------------------------------------- shared machinery
+
+EVENTS_FORMAT = 1
+
+
+def events_header(config, strategy: Strategy) -> dict[str, Any]:
+    """The first line of a strategy's events file: what wrote it, under which config (a replay of a
+    threads run's trace checks it)."""
+    import json
+
+    return {
+        "bpjax_events": EVENTS_FORMAT,
+        "strategy": strategy.name,
+        "workers": strategy.num_devices,
+        "config": json.loads(json.dumps(config.to_dict())),
+    }
 
 
 def rows_held(sharding: jax.sharding.Sharding, batch_size: int) -> slice:
