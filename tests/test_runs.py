@@ -250,3 +250,30 @@ def test_load_run_of_a_strategy_with_state_of_its_own(tmp_path):
     from bpjax.testing import assert_trees_close
 
     assert_trees_close(run.params, result.state.params, rtol=0, atol=0)  # bit for bit
+
+
+def test_predict_a_regression_run(tmp_path, monkeypatch, capsys):
+    c = small_config(
+        "data.name=synthetic_regression",
+        "data.num_targets=2",
+        "train.loss=mse",
+        "train.steps=10",
+        "train.eval_every=10",
+        "checkpoint.every=10",
+        "checkpoint.keep_best=''",
+    )
+    result = bpjax.run(c, tmp_path / "r")
+    run = bpjax.load_run(tmp_path / "r")
+    assert run.evaluate()["eval_loss"] == pytest.approx(result.summary["eval_loss"], rel=1e-6)
+    x = run.dataset.x_test  # standardized already: predict with standardized=True equals outputs
+    assert run.predict(x, standardized=True).shape == (len(x), 2)
+    np.savez(tmp_path / "in.npz", x=np.ones((3, 8)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", str(tmp_path / "r"), "in.npz"]) == 0
+    lines = (tmp_path / "in.predictions.csv").read_text().splitlines()
+    assert lines[0] == "target0,target1" and len(lines) == 4
+    np.testing.assert_allclose(
+        np.array([[float(v) for v in line.split(",")] for line in lines[1:]]),
+        run.predict(np.ones((3, 8))),
+        rtol=1e-6,
+    )
