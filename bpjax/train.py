@@ -37,7 +37,7 @@ from bpjax.models import describe
 from bpjax.preflight import Output, Setup, check_output, prepare
 from bpjax.step import Problem, TrainState
 from bpjax.strategies.base import events_header, to_host
-from bpjax.workdir import BEST, RunDir, describe_os_error
+from bpjax.workdir import BEST, TENSORBOARD, RunDir, describe_os_error
 
 EVAL_CHUNK = 8192  # test examples per evaluation call: bounds memory for large synthetic test sets
 
@@ -260,7 +260,8 @@ class _Loop:
         self._handlers: dict = {}
         self.done = start  # steps dispatched
         # A resume trains the steps after ``start`` again: TensorBoard purges the old points from there.
-        self.tracker = tracking.Tracker(config, out, self.leader, start + 1 if resume else 0)
+        with self._writing(out / TENSORBOARD if out else Path(TENSORBOARD)):
+            self.tracker = tracking.Tracker(config, out, self.leader, start + 1 if resume else 0)
         # checkpoint.keep_best and train.early_stop_patience: the test metric's best value so far (signed:
         # lower is better), its step, and how many evaluations since it improved.
         c = config.checkpoint
