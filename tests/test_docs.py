@@ -91,3 +91,21 @@ def test_experiment_results_are_measured_and_stamped(root):
     assert files <= rows, (
         f"{sorted(files - rows)} have no measured row; run: python benchmarks/experiment_results.py --write"
     )
+
+
+def test_every_notebook_is_rendered_in_the_docs(root):
+    """docs/notebooks/NN_name.md: each notebook with its outputs (benchmarks/render_notebooks.py), stamped,
+    in the site's nav."""
+    nav = (root / "mkdocs.yml").read_text()
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        page = root / "docs" / "notebooks" / f"{notebook.stem}.md"
+        fix = "run: python benchmarks/render_notebooks.py"
+        assert page.is_file(), f"{notebook.name} has no rendered page; {fix}"
+        text = page.read_text()
+        assert text.startswith("*Rendered by `python benchmarks/render_notebooks.py"), (
+            f"{page.name}: no stamp; {fix}"
+        )
+        assert re.search(r"on \d{4}-\d\d-\d\d: .*jax \S+", text.splitlines()[0]), page.name
+        assert f"notebooks/{notebook.stem}.md" in nav, f"mkdocs.yml's nav does not list {page.name}"
+        for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+            assert (page.parent / image).is_file(), f"{page.name} shows {image}, which is missing; {fix}"
