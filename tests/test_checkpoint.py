@@ -199,6 +199,66 @@ def test_async_resumes_bit_identically(root, tmp_path, monkeypatch):
     assert_trees_equal(resumed.state, whole.state)
 
 
+# The schemes with state of their own, each set so that its state is not the TrainState's rule at the
+# checkpoint (a history of 3 versions, accumulated pushes, copies mid-round, outer momentum).
+SCHEMES = {
+    "async": ["parallel.staleness=2", "parallel.random_staleness=True"],
+    "param_server": ["parallel.n_push=3", "parallel.n_fetch=2"],
+    "local_sgd": ["parallel.local_steps=3"],
+    "diloco": ["parallel.local_steps=3", "parallel.fragments=2"],
+}
+CHAIN = [
+    "optimizer.name=momentum",
+    "optimizer.schedule=constant",
+    "checkpoint.every=4",
+    "checkpoint.async_save=False",
+]
+
+
+def steps_from(strategy, batches, state, start: int, stop: int):
+    for s in range(start, stop):
+        state, _ = strategy.step(state, strategy.shard_batch(batches.stack(s, 1)))
+    return state
+
+
+def placed(strategy, reference):
+    """A host TrainState in the reference structure, laid out as ``strategy`` restores one."""
+    return jax.device_put(reference, jax.tree.map(lambda a: a.sharding, strategy.checkpointing.target()))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_resume_across_strategies_follows_the_rules(root, tmp_path, capfd, scheme):
+    """dp (steps 0-4) -> the scheme (4-8) -> dp (8-12), each resuming the last one's checkpoint: the
+    scheme starts from dp's TrainState by its rule, saves its own state beside its TrainState, and dp
+    continues from that TrainState; all bit-exactly as predicted step by step here."""
+    dp_cfg = config(root, *CHAIN, "parallel.strategy=dp", "parallel.mesh.data=4")
+    cfg = config(root, *CHAIN, f"parallel.strategy={scheme}", *SCHEMES[scheme])
+    run(cfg_lib.apply_overrides(dp_cfg, ["train.steps=4"]), tmp_path / "run")
+    capfd.readouterr()
+    run(cfg_lib.apply_overrides(cfg, ["train.steps=8"]), tmp_path / "run", resume=True)
+    warning = capfd.readouterr().err
+    final = run(cfg_lib.apply_overrides(dp_cfg, ["train.steps=12"]), tmp_path / "run", resume=True)
+
+    dp_setup, setup = prepare(dp_cfg), prepare(cfg)
+    dp, strategy, batches = dp_setup.strategy, setup.strategy, setup.batches
+    at4 = dp.gather(steps_from(dp, batches, dp.init(jax.random.key(cfg.seed)), 0, 4))
+    # The rule: the scheme's state from a TrainState alone.
+    codec = strategy.checkpointing
+    at8 = steps_from(strategy, batches, codec.load(placed(strategy, at4), None), 4, 8)
+    assert warning == (
+        f"warning: checkpoint step 4 holds dp state (mesh data=4, its TrainState only): {scheme} resumes "
+        f"from its TrainState, and {codec.fresh}\n"
+    )
+    # Its checkpoint holds all of its state: restored under it, bit-exactly.
+    ckpt = Checkpointer(tmp_path / "run/checkpoints", cfg, strategy, create=False)
+    try:
+        assert_trees_equal(jax.device_get(ckpt.restore(8)), jax.device_get(at8))
+    finally:
+        ckpt.close()
+    expected = dp.gather(steps_from(dp, batches, placed(dp, strategy.gather(at8)), 8, 12))
+    assert_trees_equal(final.state, expected)
+
+
 @pytest.fixture
 def spiky(tmp_path):
     """A regression set whose one huge target overflows the float32 loss: one bad step per epoch."""
