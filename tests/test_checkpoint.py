@@ -149,19 +149,21 @@ def saved(tmp_path_factory, targets):
         ckpt.save(3, state)
         ckpt.wait()
         ckpt.close()
-        out[name] = (directory, setup.strategy.gather(state))
+        out[name] = (directory, setup.strategy.gather(state), jax.device_get(state))
     return out
 
 
 @pytest.mark.parametrize("target", list(LAYOUTS))
 @pytest.mark.parametrize("source", list(LAYOUTS))
 def test_restore_under_another_strategy(saved, targets, source, target):
-    directory, expected = saved[source]
+    directory, expected, whole = saved[source]
     cfg, setup = targets[target]
     strategy = setup.strategy
     step, state = restore_latest(directory, cfg, strategy)
     assert step == 3
     assert_trees_equal(strategy.gather(state), expected)
+    if source == target:  # all of it, the state of its own included (async's history, the server's cache)
+        assert_trees_equal(jax.device_get(state), whole)
     # The restored state has the target's layout: it trains there.
     state, metrics = strategy.step(state, strategy.shard_batch(setup.batches.stack(3, 1)))
     assert np.isfinite(to_host(metrics)["loss"]).all()
@@ -175,12 +177,31 @@ def test_strategy_without_portable_checkpoints_restores_only_itself(root, saved,
         "async",
         dataclasses.replace(strategies.get("async"), portable_checkpoints=False),
     )
-    directory, _ = saved["tensor"]
+    directory, _, _ = saved["tensor"]
     cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, "parallel.strategy=async", "parallel.staleness=1"])
     with pytest.raises(
         UserError, match=r"^async keeps state of its own .* holds tensor state: use a new --workdir$"
     ):
         restore_latest(directory, cfg, prepare(cfg).strategy)
+
+
+def test_other_settings_start_the_state_of_its_own_by_the_rule(root, saved):
+    # A staleness-2 history has 3 versions; under staleness 1 (2 versions) it is started afresh.
+    directory, expected, _ = saved["async"]
+    cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *LAYOUTS["async"], "parallel.staleness=1"])
+    strategy = prepare(cfg).strategy
+    ckpt = Checkpointer(directory, cfg, strategy, create=False)
+    try:
+        found = ckpt.newest_readable()
+    finally:
+        ckpt.close()
+    assert found.fresh == (
+        "checkpoint step 3 holds async state (mesh data=8, other settings): async resumes from its "
+        "TrainState, and the parameter history starts with every slot holding the restored parameters"
+    )
+    state = jax.device_get(found.state)
+    assert_trees_equal(state.train, expected)
+    assert_trees_equal(state.history, jax.tree.map(lambda p: np.stack([p, p]), expected.params))
 
 
 def test_async_resumes_bit_identically(root, tmp_path, monkeypatch):
@@ -257,6 +278,27 @@ def test_resume_across_strategies_follows_the_rules(root, tmp_path, capfd, schem
         ckpt.close()
     expected = dp.gather(steps_from(dp, batches, placed(dp, strategy.gather(at8)), 8, 12))
     assert_trees_equal(final.state, expected)
+
+
+# Settings under which a scheme's own state holds nothing beyond its TrainState after 3 steps: one
+# version; fetched and pushed every step; right after averaging; one worker right after the outer step,
+# without outer momentum.
+WITHOUT_MEMORY = {
+    "async": ["parallel.staleness=0"],
+    "param_server": ["parallel.n_push=1", "parallel.n_fetch=1"],
+    "local_sgd": ["parallel.local_steps=3"],
+    "diloco": ["parallel.mesh.data=1", "parallel.local_steps=3", "parallel.outer_momentum=0"],
+}
+
+
+@pytest.mark.parametrize("scheme", list(WITHOUT_MEMORY))
+def test_rule_rebuilds_a_state_without_memory_exactly(momentum_problem, scheme):
+    """There a resume from any strategy's checkpoint continues exactly as the scheme itself would."""
+    c, problem, batches = momentum_problem
+    strategy = strategies.make(scheme, problem, cfg_lib.apply_overrides(c, WITHOUT_MEMORY[scheme]).parallel)
+    state = steps_from(strategy, batches, strategy.init(jax.random.key(0)), 0, 3)
+    codec = strategy.checkpointing
+    assert_trees_equal(jax.device_get(codec.load(codec.save(state), None)), jax.device_get(state))
 
 
 @pytest.fixture
