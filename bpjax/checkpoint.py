@@ -184,6 +184,12 @@ class Checkpointer:
                 f"({strategies.names(lambda d: d.portable_checkpoints)})"
             )
         for theirs, mine in zip(meta["shapes"], ours["shapes"], strict=False):
+            if theirs[0] != mine[0]:
+                raise UserError(
+                    f"checkpoint {where} holds state{theirs[0]} where this run's state has state{mine[0]}: "
+                    f"it was written in another format (e.g. by a bpjax from before {meta['strategy']}'s "
+                    f"checkpoints were portable); resume with the bpjax that wrote it, or start a new --workdir"
+                )
             if theirs != mine:
                 raise UserError(
                     f"checkpoint {where} holds state{theirs[0]} of shape {theirs[1]} {theirs[2]}, this run "

@@ -20,7 +20,7 @@ from bpjax.checkpoint import Checkpointer, restore_latest
 from bpjax.errors import TrainingStopped, UserError
 from bpjax.metrics import read_jsonl
 from bpjax.preflight import prepare
-from bpjax.strategies.base import to_host
+from bpjax.strategies.base import jit_checkpointing, to_host
 from bpjax.train import run
 
 EXPERIMENT = "experiments/mnist1d_dp.py"
@@ -202,6 +202,23 @@ def test_other_settings_start_the_state_of_its_own_by_the_rule(root, saved):
     state = jax.device_get(found.state)
     assert_trees_equal(state.train, expected)
     assert_trees_equal(state.history, jax.tree.map(lambda p: np.stack([p, p]), expected.params))
+
+
+def test_checkpoint_of_another_format_is_one_line(root, tmp_path):
+    # async's whole state as one tree: how its checkpoints were written before they were portable.
+    cfg = config(root, *LAYOUTS["async"], "checkpoint.async_save=False")
+    strategy = prepare(cfg).strategy
+    old = strategy._replace(checkpointing=jit_checkpointing(strategy.init))
+    ckpt = Checkpointer(tmp_path, cfg, old)
+    ckpt.save(3, strategy.init(jax.random.key(0)))
+    ckpt.wait()
+    ckpt.close()
+    with pytest.raises(
+        UserError,
+        match=r"holds state\.train\.step where this run's state has state\.step: it was written in another "
+        r"format \(e\.g\. by a bpjax from before async's checkpoints were portable\)",
+    ):
+        restore_latest(tmp_path, cfg, strategy)
 
 
 def test_async_resumes_bit_identically(root, tmp_path, monkeypatch):
