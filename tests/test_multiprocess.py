@@ -124,6 +124,7 @@ SCHEMES = {
 SCHEME_SETTINGS = [*SETTINGS, "train.steps=12"]
 
 
+@pytest.mark.slow
 def test_simulated_schemes_and_feature_partitions_two_processes_match_one(root, tmp_path):
     runs = [(str(tmp_path / name), SCHEME_SETTINGS + o) for name, o in SCHEMES.items()]
     (tmp_path / "worker.py").write_text(WORKER)
