@@ -22,7 +22,9 @@ Contract of a built `Strategy` (checked for every registered strategy by ``tests
                                  shaped like ``Problem.init``'s
   batch_rows(batch_size)      -> the rows of each global batch this process's devices hold (all of them
                                  in a single-process run); ``shard_batch`` then takes just those rows
-  checkpointing               -> how the state goes into a checkpoint and comes back (`Checkpointing`)
+  checkpointing               -> how the state goes into a checkpoint and comes back (`Checkpointing`):
+                                 portable strategies save the reference TrainState, and any state of
+                                 their own beside it
 After n steps, ``gather(state)`` equals the ``single`` strategy's state to floating-point tolerance.
 
 In a multi-process run (`bpjax.distributed`) every process calls the same functions: ``shard_batch``
@@ -205,7 +207,7 @@ class Definition:
     # model's parameters (so it is a fix for a memory budget).
     multi_process: bool | Callable[[Any], bool] = False  # or a function of the ``parallel`` section
     multi_process_when: str = (
-        ""  # the settings that make it multi-process, for messages, e.g. "partition=sample"
+        ""  # the settings that make it multi-process, for messages, e.g. "execution=simulated"
     )
     portable_checkpoints: bool = False
     shards_parameters: bool = False
