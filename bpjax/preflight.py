@@ -194,7 +194,7 @@ def check_output(
     files are damaged is found before the workdir is touched: the newest readable one is used instead,
     with a warning line, and none readable is one error line.
     """
-    out = workdir_lib.check(workdir, overwrite, resume)
+    out = workdir_lib.check(workdir, overwrite, resume, probe_lock=distributed.is_leader())
     if not resume:
         return Output(out)
     config = setup.config
