@@ -628,7 +628,7 @@ CASES = {
     "one-process strategy": (
         "launch --processes 2 EXP --set parallel.strategy=single",
         "single runs in one process only; across processes use pmap, dp, fsdp, tensor, hybrid, pipeline, "
-        "local_sgd, async, param_server or diloco",
+        "local_sgd, async",
     ),
     "half a cluster env": (
         "env JAX_COORDINATOR_ADDRESS=127.0.0.1:1",

@@ -1,5 +1,6 @@
 """Checkpoints: bit-identical resume after SIGKILL, a crash mid-save, resharding across strategies,
-and NaN/Inf losses."""
+the simulated schemes' state of their own (restored, or started from a TrainState by their rules), and
+NaN/Inf losses."""
 
 from __future__ import annotations
 
