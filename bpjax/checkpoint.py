@@ -183,18 +183,18 @@ class Checkpointer:
                 f"or train the portable strategies "
                 f"({strategies.names(lambda d: d.portable_checkpoints)})"
             )
+        if self.codec.extras and meta["strategy"] == ours["strategy"] and not meta.get("extras"):
+            # This strategy always saves its own state beside the TrainState; a checkpoint of it without.
+            raise UserError(
+                f"checkpoint {where} holds no {meta['strategy']} state beside its TrainState: it was written in "
+                f"another format (e.g. by a bpjax from before {meta['strategy']}'s checkpoints were portable); "
+                "resume with the bpjax that wrote it, or start a new --workdir"
+            )
         for theirs, mine in zip(meta["shapes"], ours["shapes"], strict=False):
-            if theirs[0] != mine[0]:
-                raise UserError(
-                    f"checkpoint {where} holds state{theirs[0]} where this run's state has state{mine[0]}: "
-                    f"it was written in another format (e.g. by a bpjax from before {meta['strategy']}'s "
-                    f"checkpoints were portable); resume with the bpjax that wrote it, or start a new --workdir"
-                )
             if theirs != mine:
                 raise UserError(
                     f"checkpoint {where} holds state{theirs[0]} of shape {theirs[1]} {theirs[2]}, this run "
-                    f"needs {mine[1]} {mine[2]}; resume with the parallel settings that saved it "
-                    f"(e.g. parallel.staleness, stages), or start a new --workdir"
+                    f"needs {mine[1]} {mine[2]}; resume with the settings that saved it, or start a new --workdir"
                 )
         if len(meta["shapes"]) != len(ours["shapes"]):
             raise UserError(

@@ -205,9 +205,13 @@ def test_other_settings_start_the_state_of_its_own_by_the_rule(root, saved):
     assert_trees_equal(state.history, jax.tree.map(lambda p: np.stack([p, p]), expected.params))
 
 
-def test_checkpoint_of_another_format_is_one_line(root, tmp_path):
-    # async's whole state as one tree: how its checkpoints were written before they were portable.
-    cfg = config(root, *LAYOUTS["async"], "checkpoint.async_save=False")
+@pytest.mark.parametrize("scheme", ["async", "local_sgd"])
+def test_checkpoint_of_another_format_is_one_line(root, tmp_path, scheme):
+    # The whole state as one tree: how these schemes' checkpoints were written before they were portable
+    # (local_sgd's has the TrainState's paths, with the workers' copies stacked).
+    cfg = config(
+        root, f"parallel.strategy={scheme}", "optimizer.name=momentum", "checkpoint.async_save=False"
+    )
     strategy = prepare(cfg).strategy
     old = strategy._replace(checkpointing=jit_checkpointing(strategy.init))
     ckpt = Checkpointer(tmp_path, cfg, old)
@@ -216,8 +220,8 @@ def test_checkpoint_of_another_format_is_one_line(root, tmp_path):
     ckpt.close()
     with pytest.raises(
         UserError,
-        match=r"holds state\.train\.step where this run's state has state\.step: it was written in another "
-        r"format \(e\.g\. by a bpjax from before async's checkpoints were portable\)",
+        match=rf"holds no {scheme} state beside its TrainState: it was written in another format \(e\.g\. "
+        rf"by a bpjax from before {scheme}'s checkpoints were portable\); resume with the bpjax that wrote it",
     ):
         restore_latest(tmp_path, cfg, strategy)
 
