@@ -95,6 +95,14 @@ SETTINGS = {
 # --------------------------------------------------------------------------------------- checks
 
 
+def multi_process(parallel) -> bool:
+    """Threads runs and replays dispatch to devices of one process (the module docstring says why)."""
+    return parallel.execution == "simulated" and not parallel.replay
+
+
+MULTI_PROCESS_WHEN = "execution=simulated, no replay"
+
+
 def check(config) -> None:
     """The combinations of execution, staleness, stragglers and replay that mean something."""
     p = config.parallel
