@@ -183,8 +183,9 @@ class Checkpointer:
                 f"or train the portable strategies "
                 f"({strategies.names(lambda d: d.portable_checkpoints)})"
             )
-        if self.codec.extras and meta["strategy"] == ours["strategy"] and not meta.get("extras"):
-            # This strategy always saves its own state beside the TrainState; a checkpoint of it without.
+        if self.codec.extras and meta["strategy"] == ours["strategy"] and "extras" not in meta:
+            # Checkpoints since portable extras say what extras they hold (none: a TrainState only, as
+            # a threads run saves); one without the key holds the whole state in the older format.
             raise UserError(
                 f"checkpoint {where} holds no {meta['strategy']} state beside its TrainState: it was written in "
                 f"another format (e.g. by a bpjax from before {meta['strategy']}'s checkpoints were portable); "

@@ -166,10 +166,8 @@ def check_multi_process(setup: Setup, processes: int) -> None:
     name = setup.strategy.name
     if processes > 1 and not strategies.runs_multi_process(name, setup.config.parallel):
         when = strategies.get(name).multi_process_when
-        raise UserError(
-            f"{name}{f' without {when}' if when else ''} runs in one process only; "
-            f"across processes use {strategies.multi_process_names()}"
-        )
+        alone = f"runs across processes only with {when}" if when else "runs in one process only"
+        raise UserError(f"{name} {alone}; across processes use {strategies.multi_process_names()}")
 
 
 @dataclass

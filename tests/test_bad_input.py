@@ -635,6 +635,10 @@ CASES = {
         "single runs in one process only; across processes use pmap, dp, fsdp, tensor, hybrid, pipeline, "
         "local_sgd, async",
     ),
+    "threads across processes": (
+        "launch --processes 2 EXP --set parallel.strategy=async --set parallel.execution=threads",
+        "async runs across processes only with execution=simulated and no replay; across processes use",
+    ),
     "half a cluster env": (
         "env JAX_COORDINATOR_ADDRESS=127.0.0.1:1",
         "JAX_NUM_PROCESSES and JAX_PROCESS_ID not",
