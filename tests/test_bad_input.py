@@ -20,8 +20,8 @@ import pytest
 from bpjax.cli import main
 
 EXP = "experiments/mnist1d_dp.py"
-# Finished runs with checkpoints, copied into every case's folder as ``old/`` and ``old_async/``: the
-# resume cases resume them; for the others they are earlier work that must survive untouched.
+# A finished run with checkpoints, copied into every case's folder as ``old/``: the
+# resume cases resume it; for the others it is earlier work that must survive untouched.
 OLD_RUN = [
     "model.hidden=(32,)",
     "train.steps=8",
@@ -642,19 +642,6 @@ CASES = {
     "no checkpoints": (["--workdir", "{tmp}", "--resume"], "holds no checkpoints; run without --resume"),
     "resume and overwrite": (["--workdir", "{tmp}/old", "--resume", "--overwrite"], "pass one of them"),
     "resume without workdir": (["--resume"], "--resume needs the --workdir of the run to continue"),
-    "staleness of a checkpoint": (
-        [
-            "--workdir",
-            "{tmp}/old_async",
-            "--resume",
-            *sets(*OLD_RUN, "train.steps=16", *ASYNC, "parallel.staleness=1"),
-        ],
-        "holds state.history['layer_0']['bias'] of shape [3, 32] float32, this run needs [2, 32] float32",
-    ),
-    "strategy with own state": (
-        resume("parallel.strategy=async"),
-        "async keeps state of its own and resumes only from its own checkpoints",
-    ),
     # ------------------------------------------------------------------------------------- processes
     "processes vs devices": (
         "launch --processes 3 EXP",
@@ -662,8 +649,13 @@ CASES = {
     ),
     "no processes": ("launch --processes 0 EXP", "--processes 0 must be >= 1"),
     "one-process strategy": (
-        "launch --processes 2 EXP --set parallel.strategy=async",
-        "async runs in one process only; across processes use pmap, dp (partition=sample), fsdp",
+        "launch --processes 2 EXP --set parallel.strategy=single",
+        "single runs in one process only; across processes use pmap, dp, fsdp, tensor, hybrid, pipeline, "
+        "local_sgd, async",
+    ),
+    "threads across processes": (
+        "launch --processes 2 EXP --set parallel.strategy=async --set parallel.execution=threads",
+        "async runs across processes only with execution=simulated and no replay; across processes use",
     ),
     "half a cluster env": (
         "env JAX_COORDINATOR_ADDRESS=127.0.0.1:1",
@@ -823,9 +815,6 @@ def old_run(tmp_path_factory, request):
     root = request.config.rootpath
     folder = tmp_path_factory.mktemp("old")
     assert main(["run", str(root / EXP), "--workdir", str(folder / "old"), *sets(*OLD_RUN)]) == 0
-    assert (
-        main(["run", str(root / EXP), "--workdir", str(folder / "old_async"), *sets(*OLD_RUN, *ASYNC)]) == 0
-    )
     return folder
 
 

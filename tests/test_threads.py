@@ -163,3 +163,30 @@ def test_a_replay_must_match_the_config_and_cover_the_steps(tmp_path):
     with pytest.raises(UserError, match=r"recorded with train.steps_per_call=24"):
         check_trace(trace, replay_of(c, tmp_path / EVENTS, steps_per_call=12, log_every=12))
     assert np.isfinite(read_jsonl(tmp_path / "metrics.jsonl")[-1]["staleness_per_step"])
+
+
+def test_threads_and_simulated_runs_resume_each_other(tmp_path, capsys):
+    """Checkpoints are portable across executions: the simulation starts its history from a threads
+    run's TrainState (one warning line), a threads run resumes the simulation's TrainState; a trace
+    with a simulated stretch in it replays up to that stretch."""
+    workdir = tmp_path / "run"
+    threads = config(steps=24, strategy="async", execution="threads", staleness=1)
+    threads.checkpoint.every = 24
+    first = run(threads, workdir)
+    simulated = config(steps=48, strategy="async", staleness=1)
+    simulated.checkpoint.every = 24
+    run(simulated, workdir, resume=True)
+    assert "async resumes from its TrainState, and the parameter history starts with every slot" in (
+        capsys.readouterr().err
+    )
+    again = config(steps=72, strategy="async", execution="threads", staleness=1)
+    again.checkpoint.every = 24
+    run(again, workdir, resume=True)
+    header, updates = read_trace(workdir / EVENTS)
+    assert len(updates) == 24 and header["gap"] == (24, 49)
+    with pytest.raises(
+        UserError, match=r"holds 24 updates \(then it jumps to update 49: the run went on under"
+    ):
+        check_trace((header, updates), replay_of(again, workdir))
+    replayed = run(replay_of(threads, workdir))
+    assert_trees_close(replayed.state, first.state, rtol=0, atol=0, what="replay of the threads stretch")

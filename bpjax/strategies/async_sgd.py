@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
@@ -38,12 +37,14 @@ from bpjax.strategies.base import (
     Definition,
     Example,
     Strategy,
+    broadcast_copies,
     data_allreduce,
     over_data,
     replicated_placement,
 )
 
 AXIS = "data"
+FRESH = "the parameter history starts with every slot holding the restored parameters"
 
 
 class AsyncState(NamedTuple):
@@ -84,10 +85,12 @@ def make(
     slots = s + 1
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
-    def init(key):
-        state = problem.init(key)
-        history = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots, *x.shape)), state.params)
-        return AsyncState(state, history)
+    def from_train(train: TrainState, history=None) -> AsyncState:
+        # Without a history of its own (a fresh start, another strategy's checkpoint), every slot holds
+        # the current parameters: the next s steps read them, as if they had not changed before.
+        if history is None:
+            history = broadcast_copies(train.params, slots)
+        return AsyncState(train, history)
 
     def worker_grads(step, history, batch):
         w = jax.lax.axis_index(AXIS)
@@ -110,18 +113,19 @@ def make(
         history = jax.tree.map(lambda h, p: h.at[new.step % slots].set(p), state.history, new.params)
         return AsyncState(new, history), {"loss": loss}
 
-    def gather(state: AsyncState) -> TrainState:
-        return jax.tree.map(np.asarray, jax.device_get(state.train))
-
     kind = f"uniform in [0, {s}]" if random and s else f"{s}"
     return over_data(
         "async",
         f"In[B_data, D] · W_(t-tau)[D, F], tau {kind}; W and {slots} version(s) replicated",
         mesh,
-        init=init,
-        state_sharding=replicated,
+        problem,
+        from_train=from_train,
+        state_sharding=AsyncState(replicated, replicated),
         step=step,
-        gather=gather,
+        train_of=lambda state: state.train,
+        train_sharding=replicated,
+        extras_of=lambda state: state.history,
+        fresh=FRESH,
     )
 
 
@@ -160,4 +164,7 @@ DEFINITION = Definition(
         # One worker thread: it reads the parameters the last update made, so this is single exactly.
         Example({"data": 1}, {"execution": "threads"}),
     ),
+    multi_process=threaded.multi_process,
+    multi_process_when=threaded.MULTI_PROCESS_WHEN,
+    portable_checkpoints=True,
 )

@@ -47,6 +47,7 @@ from bpjax.strategies.rules import FSDP, param_specs
 from bpjax.strategies.sharded import state_shardings
 
 AXIS = "data"
+FRESH = "the workers' caches start from the restored parameters and their gradient accumulators at zero"
 
 
 class ServerState(NamedTuple):
@@ -95,12 +96,16 @@ def make(
         is_leaf=lambda x: isinstance(x, jax.P),
     )
 
-    def init(key):
-        state = problem.init(key)
-        accum = jax.tree.map(lambda p: jnp.zeros((W, *p.shape), p.dtype), state.params)
-        return ServerState(state, state.params, accum)
+    def from_train(train: TrainState, extras=None) -> ServerState:
+        # Without a cache and accumulators of their own (a fresh start, another strategy's checkpoint),
+        # the workers have just fetched the parameters and pushed everything: as after a step at
+        # n_push = n_fetch = 1.
+        if extras is None:
+            zeros = jax.tree.map(lambda p: jnp.zeros((W, *p.shape), p.dtype), train.params)
+            extras = {"cache": train.params, "accum": zeros}
+        return ServerState(train, extras["cache"], extras["accum"])
 
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: from_train(problem.init(key)), jax.random.key(0))
     param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes.cache))
     state_sh = ServerState(
         server_sh,
@@ -174,18 +179,19 @@ def make(
         }
         return ServerState(new_train, cache, accum), metrics
 
-    def gather(state: ServerState) -> TrainState:
-        return jax.tree.map(np.asarray, jax.device_get(state.train))
-
     return over_data(
         "param_server",
         f"server W[D, F_data] sharded over the {W} devices; workers In[B_data, D] · W_cache[D, F]; "
         f"push every {n_push}, fetch every {n_fetch} step(s)",
         mesh,
-        init=init,
+        problem,
+        from_train=from_train,
         state_sharding=state_sh,
         step=step,
-        gather=gather,
+        train_of=lambda state: state.train,
+        train_sharding=server_sh,
+        extras_of=lambda state: {"cache": state.cache, "accum": state.accum},
+        fresh=FRESH,
     )
 
 
@@ -278,4 +284,7 @@ DEFINITION = Definition(
         Example({"data": 1}),
         Example({"data": 1}, {"execution": "threads", "n_fetch": 1}),
     ),
+    multi_process=threaded.multi_process,
+    multi_process_when=threaded.MULTI_PROCESS_WHEN,
+    portable_checkpoints=True,
 )

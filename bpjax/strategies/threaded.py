@@ -96,6 +96,14 @@ SETTINGS = {
 # --------------------------------------------------------------------------------------- checks
 
 
+def multi_process(parallel) -> bool:
+    """Threads runs and replays dispatch to devices of one process (the module docstring says why)."""
+    return parallel.execution == "simulated" and not parallel.replay
+
+
+MULTI_PROCESS_WHEN = "execution=simulated and no replay"
+
+
 def check(config) -> None:
     """The combinations of execution, staleness, stragglers and replay that mean something."""
     p = config.parallel
@@ -134,10 +142,13 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
         raise UserError(
             f"{where}: not a bpjax trace (no header line); give the staleness.jsonl of a threads run"
         )
-    header, updates = rows[0], rows[1:]
+    header, updates = dict(rows[0]), rows[1:]
     keys = ("step", "worker", "batch", "read")
     for i, u in enumerate(updates):
         ok = isinstance(u, dict) and all(isinstance(u.get(k), int) and u[k] >= 0 for k in keys)
+        if ok and u["step"] > i + 1:  # a resume under simulated execution recorded nothing for a while
+            header["gap"] = (i, u["step"])
+            return header, updates[:i]
         if not ok or u["step"] != i + 1 or u["read"] >= u["step"]:
             raise UserError(
                 f"{where}: line {i + 2} is not update {i + 1} of a trace (step, worker, batch, read); the "
@@ -164,8 +175,12 @@ def check_trace(trace: tuple[dict, list[dict]], config) -> None:
                 "under the config that recorded it"
             )
     if len(updates) < config.train.steps:
+        gap = header.get("gap")
+        then = (
+            f" (then it jumps to update {gap[1]}: the run went on under simulated execution)" if gap else ""
+        )
         raise UserError(
-            f"parallel.replay: the trace holds {len(updates)} updates; set train.steps <= {len(updates)}"
+            f"parallel.replay: the trace holds {len(updates)} updates{then}; set train.steps <= {len(updates)}"
         )
     if schedule[0] is not None and schedule[0] != schedule[1]:
         raise UserError(
