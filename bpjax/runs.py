@@ -226,9 +226,9 @@ def load_run(workdir: str | Path, *, best: bool = False, step: int | None = None
     """A run's config, history and parameters from its latest checkpoint (``best=True``: from
     ``checkpoint.keep_best``'s; ``step``: that one), on one device.
 
-    Checkpoints of strategies with portable checkpoints restore straight into the one-device layout;
-    the others (e.g. async, which keeps delayed gradients of its own) restore under their strategy,
-    which needs its devices, and are gathered.
+    Checkpoints of strategies with portable checkpoints (every registered one) restore straight into
+    the one-device layout, a scheme's own state beside the TrainState left out; a strategy without
+    them restores under itself, which needs its devices, and is gathered.
     """
     from bpjax import config as cfg_lib
     from bpjax import data as data_lib

@@ -235,7 +235,7 @@ def test_a_run_from_before_seeds_and_schedule_steps_resumes(tmp_path, capsys):
 
 
 def test_load_run_of_a_strategy_with_state_of_its_own(tmp_path):
-    """async keeps delayed gradients of its own (checkpoints not portable): restored under async, gathered."""
+    """async's checkpoint holds its delayed gradients beside the TrainState: one device gets the TrainState."""
     c = small_config(
         "train.steps=20",
         "checkpoint.keep_best=''",
