@@ -34,7 +34,18 @@ from bpjax.workdir import CHECKPOINTS  # noqa: F401  (re-exported: the folder in
 
 # Config sections (or keys) a resumed run must share with the run that saved: they fix the model, the
 # optimizer, the data and its order. Steps, strategy, mesh, logging and checkpoint settings may change.
-MUST_MATCH = ("seed", "data", "model", "optimizer", "train.batch_size", "train.loss", "train.nonfinite")
+MUST_MATCH = (
+    "seed",
+    "seeds",
+    "data",
+    "model",
+    "optimizer",
+    "train.batch_size",
+    "train.loss",
+    "train.nonfinite",
+)
+# Of those, what a resume may change on purpose: re-stretching the learning-rate schedule.
+MAY_CHANGE = ("optimizer.schedule_steps",)
 
 
 def _get(config: dict, dotted: str):
@@ -43,10 +54,10 @@ def _get(config: dict, dotted: str):
     return config
 
 
-def _options(config, create: bool) -> ocp.CheckpointManagerOptions:
+def _options(config, create: bool, keep: int | None = None) -> ocp.CheckpointManagerOptions:
     c = config.checkpoint
     return ocp.CheckpointManagerOptions(
-        max_to_keep=c.keep, enable_async_checkpointing=c.async_save, create=create
+        max_to_keep=keep or c.keep, enable_async_checkpointing=c.async_save, create=create
     )
 
 
@@ -104,7 +115,15 @@ def _reason(e: BaseException) -> str:
 class Checkpointer:
     """Saves a strategy's state every ``checkpoint.every`` steps into ``directory``; restores it."""
 
-    def __init__(self, directory: str | Path, config, strategy: Strategy, *, create: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        config,
+        strategy: Strategy,
+        *,
+        create: bool = True,
+        keep: int | None = None,
+    ):
         self.directory = Path(directory).absolute()
         self.failed = False  # a read or write failed (and was reported): shut down quietly
         # orbax logs a failed background write through absl, many lines per array, from its own
@@ -112,7 +131,8 @@ class Checkpointer:
         logging.getLogger("absl").setLevel(logging.CRITICAL)
         _ignore_closed_loop_callbacks()
         self.codec = strategy.checkpointing
-        self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create))
+        # keep: how many to keep, if not checkpoint.keep (the best checkpoint's folder keeps one).
+        self.manager = ocp.CheckpointManager(self.directory, options=_options(config, create, keep))
         # What every checkpoint of this run says about itself, bar its step (traced once, not per save).
         self._meta = {
             "strategy": strategy.name,
@@ -162,8 +182,11 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001  (a damaged folder: the caller falls back to another)
             raise Unreadable(_reason(e)) from None
         ours = self.meta(step)
-        theirs_flat, ours_flat = _flat(meta["config"]), _flat(ours["config"])
-        for key in sorted(set(theirs_flat) | set(ours_flat)):
+        theirs = meta["config"]
+        if "seeds" not in theirs and "seed" in theirs:  # from before seeds.*: seed was all three
+            theirs = {**theirs, "seeds": dict.fromkeys(("init", "data_order", "split"), theirs["seed"])}
+        theirs_flat, ours_flat = _flat(theirs), _flat(ours["config"])
+        for key in sorted((set(theirs_flat) | set(ours_flat)) - set(MAY_CHANGE)):
             if theirs_flat.get(key) != ours_flat.get(key):
                 raise UserError(
                     f"checkpoint {where} was written with {key}={_short(theirs_flat.get(key))}, this run has "
@@ -284,7 +307,11 @@ class Checkpointer:
 def _resolved(config) -> dict:
     """The config as a checkpoint records it: ``model.param_dtype`` as the dtype it resolves to, so
     that ``auto`` and the dtype it stands for (and checkpoints from before ``auto``) match."""
+    from bpjax.config import seeds
+
     d = config.to_dict()
+    if "seeds" in d:  # the seeds used (-1 is the top-level seed), so that old and new spellings match
+        d["seeds"] = seeds(config)
     model = d.get("model", {})
     if "param_dtype" in model:
         model["param_dtype"] = resolve_param_dtype(model.get("dtype", "float32"), model["param_dtype"])

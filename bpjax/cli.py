@@ -5,6 +5,9 @@
   bpjax plan EXPERIMENT.py [--set key=value ...] [--compiled] [--json]
   bpjax config [EXPERIMENT.py] [--set key=value ...] [--schema]   the resolved config, or every key
   bpjax compare EXPERIMENT_OR_STUDY.py ... [--set key=value ...] [--workdir DIR] [--target-loss X]
+                [--seeds 0,1,2] [--overwrite]
+  bpjax runs [DIR]                     a table of the runs under DIR (default: runs), read from their files
+  bpjax predict WORKDIR INPUT.npz|csv [--output FILE] [--best]   a trained run's predictions
   python -m bpjax run ...              the same
   python experiments/NAME.py [...]      the same, for that file
 
@@ -37,6 +40,7 @@ _EXAMPLES = {
     "plan": "experiments/mnist1d_tensor.py",
     "config": "experiments/mnist1d_dp.py",
     "compare": "experiments/study_sync_async.py",
+    "predict": "runs/mnist1d_dp-20260101-120000 inputs.npz",
 }
 
 
@@ -119,7 +123,10 @@ def _finite(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from bpjax import __version__
+
     p = _Parser(prog="bpjax", description="Train BP networks in parallel with JAX.")
+    p.add_argument("--version", action="version", version=f"bpjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     commands = {
         "run": "train the network an experiment file describes",
@@ -164,6 +171,11 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a field"
     )
     cfg.add_argument(
+        "--examples",
+        action="store_true",
+        help="list the example experiments and studies that ship with bpjax (bpjax run NAME runs one)",
+    )
+    cfg.add_argument(
         "--schema",
         action="store_true",
         help="print every key with its type, default, valid values and meaning (docs/configuration.md)",
@@ -181,7 +193,31 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field in every run (repeatable)",
     )
     c.add_argument("--workdir", help="output folder (default: runs/compare-YYYYmmdd-HHMMSS)")
-    c.add_argument("--target-loss", type=_finite, default=0.5, help="loss for the steps-to-target column")
+    c.add_argument(
+        "--target-loss",
+        type=_finite,
+        default=None,
+        help="loss for the steps- and time-to-target columns (default: the loss every run reaches, the "
+        "highest of the runs' best mean train losses)",
+    )
+    c.add_argument(
+        "--seeds",
+        help="train every run with each of these seeds (e.g. 0,1,2,3 or 0-3; the data split stays fixed) "
+        "and report mean ± std",
+    )
+    c.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --workdir")
+    r = sub.add_parser("runs", help="list finished and unfinished runs, read from their files")
+    r.add_argument("directory", nargs="?", default="runs", help="folder to search for runs (default: runs)")
+    pr = sub.add_parser("predict", help="predict with a trained run: labels (and probabilities) or targets")
+    pr.add_argument("workdir", help="the run's folder (its --workdir)")
+    pr.add_argument("input", help="inputs: an .npz file with x [N, D], or a CSV file of N rows of D features")
+    pr.add_argument(
+        "--output",
+        help="where to write the predictions, .csv or .npz (default: INPUT_NAME.predictions.csv here)",
+    )
+    pr.add_argument(
+        "--best", action="store_true", help="use the best checkpoint (checkpoint.keep_best), not the latest"
+    )
     parsers["plan"].add_argument(
         "--compiled",
         action="store_true",
@@ -192,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the plan as one JSON object (bytes per device and per training step)",
     )
-    p.commands = {**parsers, "config": cfg, "compare": c}
+    p.commands = {**parsers, "config": cfg, "compare": c, "runs": r, "predict": pr}
     return p
 
 
@@ -304,6 +340,13 @@ def _config(args) -> int:
     if args.schema:
         print(cfg_lib.reference_markdown(), end="")
         return 0
+    if args.examples:
+        folder = cfg_lib.examples_dir()
+        for name in cfg_lib.examples():
+            doc = (folder / f"{name}.py").read_text().split('"""')
+            first = doc[1].strip().splitlines()[0] if len(doc) > 2 and doc[1].strip() else ""
+            print(f"{name:28s} {first}")
+        return 0
     if args.experiment:
         config = cfg_lib.load(args.experiment, args.overrides)
     else:
@@ -314,12 +357,48 @@ def _config(args) -> int:
 
 
 def _compare(args) -> int:
-    from bpjax.compare import compare
+    from bpjax.compare import OUTPUTS, compare, parse_seeds
 
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     workdir = Path(args.workdir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    compare(args.experiments, args.overrides, workdir, args.target_loss)
+    compare(
+        args.experiments, args.overrides, workdir, args.target_loss, seeds=seeds, overwrite=args.overwrite
+    )
     print((workdir / "comparison.md").read_text())
-    print(f"wrote {workdir}/comparison.md, comparison.csv, loss_vs_step.png, loss_vs_bytes.png, runs/")
+    print(f"wrote {workdir}/{', '.join(OUTPUTS)}, runs/")
+    return 0
+
+
+def _runs(args) -> int:
+    from bpjax.runs import list_runs, table
+
+    rows = list_runs(args.directory)
+    if not rows:
+        print(f"no runs under {args.directory}")
+        return 0
+    print(table(rows, relative_to=Path(args.directory)))
+    return 0
+
+
+def _predict(args) -> int:
+    from bpjax.runs import check_workdir, read_inputs
+
+    check_workdir(args.workdir, args.best)
+    output = Path(args.output or f"{Path(args.input).name.split('.')[0]}.predictions.csv")
+    if output.suffix not in (".csv", ".npz"):
+        raise UserError(f"--output {output} must end in .csv or .npz")
+    if output.is_dir() or not output.absolute().parent.is_dir():
+        raise UserError(
+            f"--output {output}: {'is a folder' if output.is_dir() else 'its folder does not exist'}"
+        )
+    x = read_inputs(args.input)
+
+    from bpjax.runs import load_run, write_predictions
+
+    run = load_run(args.workdir, best=args.best)
+    run.prepare_inputs(x)  # the feature count, checked before anything is written
+    write_predictions(run, x, output)
+    print(f"wrote {len(x)} predictions of {args.workdir} (step {run.step}) to {output}")
     return 0
 
 
@@ -329,7 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # a usage error: one line, like any other bad input
         print(f"{e.prefix}: {e}", file=sys.stderr)
         return e.exit_code
-    commands = {"run": _run, "launch": _launch, "plan": _plan, "config": _config, "compare": _compare}
+    commands = {
+        "run": _run,
+        "launch": _launch,
+        "plan": _plan,
+        "config": _config,
+        "compare": _compare,
+        "runs": _runs,
+        "predict": _predict,
+    }
     try:
         with _stop_on_signals():
             return commands[args.command](args)

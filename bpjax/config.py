@@ -7,7 +7,7 @@ key is declared once, with its default, type, valid range and help (`SCHEMA` her
 ``docs/configuration.md`` is generated from the same declarations.
 
 Sections:
-  seed                      one integer; parameters, data order and data generation derive from it
+  seed, seeds.*             the run's seed; seeds.init / data_order / split override one use of it each
   data.*                    which data set and how it is split and scaled (see `bpjax.data`)
   model.*                   the MLP: hidden widths, activation, dtypes, init (see `bpjax.models.mlp`)
   optimizer.*               an optax optimizer by name, a learning-rate schedule, gradient clipping
@@ -32,7 +32,7 @@ import ml_collections as mlc
 import numpy as np
 
 from bpjax.errors import UserError, one_line
-from bpjax.schema import Bool, Choice, Float, Int, Ints, Setting, Str
+from bpjax.schema import Bool, Choice, Float, Int, IntOrName, Ints, Setting, Str
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu", "elu", "leaky_relu", "identity")
 INITS = (
@@ -74,10 +74,22 @@ SCHEMA: dict[str, Any] = {
     "name": Str("", "the run's name; empty: the experiment file's name"),
     "seed": Int(
         0,
-        "one integer; parameters, data order and data generation derive from it",
+        "the run's seed: parameter initialisation and the order of training batches derive from it "
+        "(seeds.*); a sweep over seed keeps the data and its train/test split",
         min=0,
         max=MAX_SEED,
     ),
+    "seeds": {
+        "init": Int(-1, "parameter initialisation; -1: seed", min=-1, max=MAX_SEED),
+        "data_order": Int(-1, "the order of training batches; -1: seed", min=-1, max=MAX_SEED),
+        "split": Int(
+            0,
+            "synthetic data and the train/test split of data without one; fixed by default, so that runs "
+            "with different seeds share one test set; -1: seed",
+            min=-1,
+            max=MAX_SEED,
+        ),
+    },
     "data": {
         "name": Choice("mnist1d", DATASETS, "which data set (see bpjax.data)"),
         "num_samples": Int(5000, "mnist1d and synthetic: total examples before the split", min=2),
@@ -100,7 +112,10 @@ SCHEMA: dict[str, Any] = {
         "labels_path": Str("", "idx: the training labels file"),
         "test_path": Str("", "idx: test images (optional; else test_fraction is split off)"),
         "test_labels_path": Str("", "idx: test labels"),
-        "label_column": Int(-1, "csv: which column holds the label (or target); -1 is the last"),
+        "label_column": IntOrName(
+            -1,
+            "csv: the column that holds the label (or target): its name in the header, or its index (-1: the last)",
+        ),
         "task": Choice(
             "classification", ("classification", "regression"), "npz / csv / idx: the kind of target"
         ),
@@ -142,6 +157,12 @@ SCHEMA: dict[str, Any] = {
         "decay_rate": Float(0.5, "exponential: factor per decay_steps", min=0, max=1, min_open=True),
         "decay_steps": Int(0, "exponential: steps per factor; 0 means train.steps", min=0),
         "clip_norm": Float(0.0, "global-norm gradient clipping; 0 turns it off", min=0),
+        "schedule_steps": Int(
+            0,
+            "steps the learning-rate schedule spans; 0: train.steps when the run started (a --resume with "
+            "more train.steps keeps the schedule; set this to re-stretch it)",
+            min=0,
+        ),
     },
     "train": {
         "steps": Int(1000, "training steps", min=1),
@@ -164,6 +185,18 @@ SCHEMA: dict[str, Any] = {
         "max_skipped": Int(
             10, "nonfinite=skip: stop anyway after this many non-finite steps in a row", min=1
         ),
+        "profile": Ints(
+            (),
+            "(start, stop): write a jax.profiler trace of these steps into WORKDIR/tensorboard "
+            "(TensorBoard's profile tab, or Perfetto); (): no trace",
+            min=0,
+        ),
+        "early_stop_patience": Int(
+            0,
+            "> 0: stop when the test metric (checkpoint.keep_best's, else eval_loss) has not improved "
+            "for this many evaluations; 0: train all train.steps",
+            min=0,
+        ),
     },
     "parallel": {
         "strategy": Str("single", "the strategy (see docs/strategies.md)"),
@@ -183,6 +216,12 @@ SCHEMA: dict[str, Any] = {
         "every": Int(0, "save every this many steps and at the end; 0: no checkpoints", min=0),
         "keep": Int(3, "keep the latest this many checkpoints", min=1),
         "async_save": Bool(True, "write in the background while training goes on"),
+        "keep_best": Choice(
+            "",
+            ("", "eval_loss", "eval_accuracy"),
+            "also keep the checkpoint with the best value of this test metric in WORKDIR/best_checkpoint "
+            "(bpjax.load_run(..., best=True)); empty: none",
+        ),
     },
     "distributed": {
         "heartbeat_timeout_s": Int(
@@ -192,6 +231,33 @@ SCHEMA: dict[str, Any] = {
         "init_timeout_s": Int(120, "how long (s) to wait for every process to join", min=1),
     },
 }
+
+
+def seeds(c: mlc.ConfigDict) -> dict[str, int]:
+    """The three seeds a run uses: ``init`` (parameters), ``data_order`` (batches) and ``split`` (synthetic
+    data and the train/test split); ``seeds.X = -1`` takes the top-level ``seed``."""
+    return {k: (v if v >= 0 else c.seed) for k, v in c.seeds.items()}
+
+
+def schedule_steps(c: mlc.ConfigDict) -> int:
+    """The steps the learning-rate schedule spans (``optimizer.schedule_steps``, else ``train.steps``)."""
+    return c.optimizer.schedule_steps or c.train.steps
+
+
+def _untyped(dotted: str) -> bool:
+    """Keys whose values may be of more than one type (an int or a name)."""
+    section, _, leaf = dotted.rpartition(".")
+    node = SCHEMA.get(section, {}) if section else SCHEMA
+    return isinstance(node, dict) and getattr(node.get(leaf), "item", "") == "int_or_name"
+
+
+def with_schedule_steps(d: dict) -> dict:
+    """A config as a dict, with ``optimizer.schedule_steps`` as the steps it stands for (0 and a config
+    from before the key: ``train.steps``), for comparing configs that record it with ones that do not."""
+    opt, train = d.get("optimizer"), d.get("train")
+    if isinstance(opt, dict) and isinstance(train, dict) and not opt.get("schedule_steps"):
+        d = {**d, "optimizer": {**opt, "schedule_steps": train.get("steps")}}
+    return d
 
 
 def schema() -> dict[str, Setting]:
@@ -223,7 +289,10 @@ def default() -> mlc.ConfigDict:
             if section not in node:
                 node[section] = mlc.ConfigDict()
             node = node[section]
-        node[leaf] = setting.default
+        # A key that takes an int or a name: ml_collections would otherwise fix its type to int.
+        node[leaf] = (
+            mlc.FieldReference(setting.default, field_type=object) if _untyped(key) else setting.default
+        )
     c.parallel.mesh = mlc.ConfigDict({"data": -1})  # axis -> size; -1 is "all remaining devices"
     return c
 
@@ -299,10 +368,26 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
         with node.unlocked():
             node[key] = value
         return
+    if isinstance(old, mlc.ConfigDict) and isinstance(value, dict):
+        # A dict sets a section: parallel.mesh (an open set of axes) is replaced whole, others key by key.
+        if any(not isinstance(k, str) or not k for k in value):
+            raise UserError(f"{dotted}={value!r}: the keys of a section are names, e.g. {{'data': 2}}")
+        if dotted == "parallel.mesh":
+            with node.unlocked():
+                node[key] = mlc.ConfigDict({})
+        for k, v in value.items():
+            set_value(c, f"{dotted}.{k}", v)
+        return
     if isinstance(old, mlc.ConfigDict):
         raise UserError(
-            f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(old.keys()))}"
+            f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(old.keys()), 'KEY')}, "
+            "or give a dict of them"
         )
+    if _untyped(dotted) and not isinstance(value, dict | list | tuple) and value is not None:
+        with node.unlocked():  # checked against its declaration in `validate`
+            del node[key]
+            node[key] = value
+        return
     if value is None:  # ml_collections would take None for any field; no key has None among its values
         raise UserError(f"{dotted}=None is not a value; give {_kind(old)} like {old!r}")
     if isinstance(old, tuple) and not isinstance(value, list | tuple):
@@ -338,6 +423,35 @@ def apply_overrides(c: mlc.ConfigDict, overrides: list[str]) -> mlc.ConfigDict:
     return c
 
 
+def examples_dir() -> Path | None:
+    """The example experiments: ``bpjax/experiments`` in an installed wheel, ``experiments/`` beside the
+    package in a source checkout (editable install)."""
+    package = Path(__file__).resolve().parent
+    for folder in (package / "experiments", package.parent / "experiments"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def examples() -> list[str]:
+    """The names of the packaged example experiments and studies (``bpjax run NAME`` finds them)."""
+    folder = examples_dir()
+    return sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_")) if folder else []
+
+
+def find_experiment(path: str | Path) -> str | Path:
+    """``path`` itself if it exists; else, for a bare name (``mnist1d_dp`` or ``mnist1d_dp.py``), the
+    packaged example of that name; else ``path`` (for `_user_file` to report)."""
+    text = str(path)
+    if Path(text).expanduser().exists() or "/" in text or os.sep in text:
+        return path
+    folder = examples_dir()
+    name = text if text.endswith(".py") else text + ".py"
+    if folder is not None and (folder / name).is_file():
+        return str(folder / name)
+    return path
+
+
 def _user_file(path: str | Path, what: str) -> Path:
     """``path`` (``~`` expanded) if it names a readable regular file; else a one-line error naming it."""
     text = str(path)
@@ -350,10 +464,13 @@ def _user_file(path: str | Path, what: str) -> Path:
         near = []
         if p.parent.is_dir():
             near = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir()], n=1, cutoff=0.6)
+        named = difflib.get_close_matches(p.stem, examples(), n=1, cutoff=0.6) if "/" not in text else []
         hint = (
             f"did you mean {str(p.parent / near[0])!r}?"
             if near
-            else "pass a path such as experiments/mnist1d_dp.py"
+            else f"did you mean the example {named[0]!r}?"
+            if named
+            else "pass a path such as experiments/mnist1d_dp.py, or an example's name (bpjax config --examples)"
         )
         raise UserError(f"{what} {text!r} not found; {hint}")
     if text.endswith(("/", "\\")):
@@ -385,6 +502,7 @@ def _failure(e: BaseException, path: Path) -> str:
 def load_module(path: str | Path):
     """Import an experiment or study file; a file that is missing, not Python, or fails to run is one
     line naming it and the fix."""
+    path = find_experiment(path)
     p = _user_file(path, "experiment file")
     if p.suffix != ".py":
         hint = " (a run's config.json is not an experiment)" if p.suffix == ".json" else ""
@@ -495,10 +613,30 @@ def from_study(path: str | Path) -> dict[str, mlc.ConfigDict]:
 
 def load(path: str | Path, overrides: list[str] | None = None) -> mlc.ConfigDict:
     """Load an experiment file's ``get_config()``, apply ``key=value`` overrides, validate. No jax work."""
+    path = find_experiment(path)
     c = merge_into_default(from_file(path), source=str(path))
     c = apply_overrides(c, overrides or [])
+    resolve_data_paths(c, path)
     validate(c)
     return c
+
+
+DATA_PATHS = ("path", "labels_path", "test_path", "test_labels_path")
+
+
+def resolve_data_paths(c: mlc.ConfigDict, experiment: str | Path) -> None:
+    """A relative ``data.*path`` that does not exist from the working directory but does beside the
+    experiment file is taken from there (as an absolute path, so ``config.json`` names the file used):
+    an experiment and its data move together, and run from any folder."""
+    here = Path(os.path.abspath(Path(str(experiment)).expanduser())).parent
+    for key in DATA_PATHS:
+        value = c.data[key]
+        if not value or Path(value).expanduser().is_absolute() or Path(value).expanduser().exists():
+            continue
+        beside = here / value
+        if beside.exists():
+            with c.data.unlocked():
+                c.data[key] = str(beside)
 
 
 def merge_into_default(c: mlc.ConfigDict, source: str = "config") -> mlc.ConfigDict:

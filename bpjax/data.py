@@ -270,8 +270,9 @@ def _number(cell: str) -> bool:
     return True
 
 
-def read_csv(path: str, label_column: int = -1):
-    """Numeric CSV, one example a row, at most one header row; ``label_column`` holds the label.
+def read_csv(path: str, label_column: int | str = -1):
+    """Numeric CSV, one example a row, at most one header row; ``label_column`` holds the label: its
+    index (-1: the last) or its name in the header.
 
     Read as UTF-8 with an optional byte-order mark (as spreadsheet programs write it). Messages count
     lines as an editor does, from 1, header included.
@@ -337,6 +338,20 @@ def read_csv(path: str, label_column: int = -1):
                     f"{path}: line {line}, column {j + 1} holds {one_line(cell, 40)!r}, not a number; bpjax "
                     "reads numeric CSV with at most one header row (encode text columns as numbers first)"
                 ) from None
+    if isinstance(label_column, str):
+        names = [c.strip() for c in header[1]] if header is not None else []
+        if label_column.strip() not in names:
+            if not names:
+                raise UserError(
+                    f"data.label_column={label_column!r} names a column, but {path} has no header row; "
+                    f"give the column's index (0..{width - 1}, or -1 for the last)"
+                )
+            match = difflib.get_close_matches(label_column.strip(), names, n=1, cutoff=0.5)
+            hint = (
+                f"did you mean {match[0]!r}?" if match else f"the columns are {', '.join(map(repr, names))}"
+            )
+            raise UserError(f"data.label_column={label_column!r} is not a column of {path}; {hint}")
+        label_column = names.index(label_column.strip())
     if not -width <= label_column < width:
         raise UserError(
             f"data.label_column={label_column} is outside the {width} columns of {path}; "
@@ -525,7 +540,7 @@ def _prepare(name, task, x, y, x_test, y_test, source: str) -> Dataset:
 
 
 def load(cfg, seed: int) -> Dataset:
-    """Build the data set a config's ``data`` section names (``seed`` is the config's top-level seed)."""
+    """Build the data set a config's ``data`` section names (``seed``: the run's ``seeds.split``)."""
     name = cfg.name
     task = cfg.task
     x_test = y_test = None

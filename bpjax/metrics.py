@@ -71,7 +71,7 @@ class Progress:
     def __init__(self, total: int, mode: str = "auto", desc: str = ""):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
-        self.mode, self.total = mode, total
+        self.mode, self.total, self.name = mode, total, desc.split(" [")[0]
         self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True) if mode == "bar" else None
 
     def advance(self, n: int) -> None:
@@ -84,7 +84,12 @@ class Progress:
                 {k: f"{row[k]:.4g}" for k in ("train_loss", "eval_accuracy") if row.get(k) is not None}
             )
         elif self.mode == "lines":
-            parts = [f"step {row['step']}/{self.total}"]
+            # The run's name first: a comparison's runs print one after another.
+            parts = [
+                f"{self.name}: step {row['step']}/{self.total}"
+                if self.name
+                else f"step {row['step']}/{self.total}"
+            ]
             for key, fmt in (
                 ("train_loss", "loss {:.4f}"),
                 ("eval_loss", "eval_loss {:.4f}"),

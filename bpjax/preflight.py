@@ -53,7 +53,8 @@ def prepare(config: mlc.ConfigDict) -> Setup:
         use_cpu_devices(config.parallel.cpu_devices // processes)
     distributed.initialize(config.distributed)
     check_data_size(config)
-    ds = data_lib.load(config.data, config.seed)
+    seeds = cfg_lib.seeds(config)
+    ds = data_lib.load(config.data, seeds["split"])
     if ds.task == "regression" and config.train.loss != "mse":
         raise UserError(f"data {config.data.name} has real-valued targets; set train.loss=mse")
     if ds.task == "classification" and config.train.loss == "mse":
@@ -66,7 +67,7 @@ def prepare(config: mlc.ConfigDict) -> Setup:
             f"train.batch_size={b} is not divisible by {n} data-parallel devices; "
             f"use a multiple of {n} such as {max(b // n, 1) * n}"
         )
-    batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
+    batches = data_lib.Batches(ds.x_train, ds.y_train, b, seeds["data_order"])
     setup = Setup(config, ds, problem, strategy, batches)
     check_multi_process(setup, processes)
     plan = setup.plan = make_plan(setup)

@@ -34,6 +34,8 @@ class Setting:
 
     @property
     def kind(self) -> str:
+        if self.item == "int_or_name":
+            return "int or name"
         if self.choices:
             return "choice"
         if self.item == "dict":
@@ -75,6 +77,11 @@ class Setting:
                 if not self._in_range(v):
                     raise UserError(f"{key}[{k}]={v!r} must be {self.range_text()}{self._note()}")
             return
+        if self.item == "int_or_name":
+            if isinstance(value, str) and value.strip():
+                return
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"{key}={value!r} must be a whole number or a name in quotes{self._note()}")
         values = value if isinstance(value, tuple) else (value,)
         for i, v in enumerate(values):
             where = f"{key}[{i}]" if isinstance(value, tuple) else key
@@ -131,6 +138,11 @@ def Ints(default: tuple[int, ...], help: str, *, min=None, note: str = "") -> Se
 def Names(default: tuple[str, ...], help: str, *, note: str = "") -> Setting:  # noqa: N802
     """A tuple of names (e.g. layers)."""
     return Setting(tuple(default), help, note=note, item="str")
+
+
+def IntOrName(default: int, help: str) -> Setting:  # noqa: N802
+    """A whole number (an index) or a non-empty name, e.g. a CSV column."""
+    return Setting(default, help, item="int_or_name")
 
 
 def Dict(default: dict, help: str, *, min=None, note: str = "") -> Setting:  # noqa: N802

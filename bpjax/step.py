@@ -222,7 +222,7 @@ def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
         kernel_init=m.kernel_init,
         bias_init=m.bias_init,
     )
-    tx = make_optimizer(config.optimizer, config.train.steps)
+    tx = make_optimizer(config.optimizer, config.optimizer.get("schedule_steps") or config.train.steps)
     if config.train.nonfinite == "skip":
         # A step whose gradients hold a NaN or Inf changes nothing (optax counts it in the state); the
         # loop stops after train.max_skipped such steps in a row, before this would apply one anyway.

@@ -26,16 +26,18 @@ import ml_collections as mlc
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bpjax import config as cfg_lib
 from bpjax import data as data_lib
-from bpjax import distributed, faults
+from bpjax import distributed, faults, tracking
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
+from bpjax.config import seeds
 from bpjax.errors import Interrupted, TrainingStopped, WriteFailed, quiet_stderr, warn
 from bpjax.metrics import MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
 from bpjax.preflight import Output, Setup, check_output, prepare
 from bpjax.step import Problem, TrainState
 from bpjax.strategies.base import events_header, to_host
-from bpjax.workdir import RunDir, describe_os_error
+from bpjax.workdir import BEST, TENSORBOARD, RunDir, describe_os_error
 
 EVAL_CHUNK = 8192  # test examples per evaluation call: bounds memory for large synthetic test sets
 
@@ -117,8 +119,22 @@ def run(
       Interrupted: SIGINT or SIGTERM; a checkpoint was saved at the step reached (with a workdir).
       WriteFailed: a write failed (a full disk); the last complete checkpoint stays.
     """
+    config, asked = _resolve_schedule(config, workdir, resume)
     setup = prepare(config)
+    tracking.check(setup.config, workdir)
     output = check_output(setup, workdir, overwrite, resume, restore=True)
+    if output.state is not None and distributed.is_leader():
+        n = setup.config.optimizer.schedule_steps
+        how = (
+            "as asked (optimizer.schedule_steps)"
+            if asked
+            else "as when the run started; --set optimizer.schedule_steps=N re-stretches it"
+        )
+        print(
+            f"resuming at step {output.start} of {setup.config.train.steps}: the learning-rate schedule "
+            f"spans {n} steps, {how}",
+            flush=True,
+        )
     run_dir = _open_run(setup, output, overwrite)
     try:
         loop = _Loop(setup, output, run_dir)
@@ -130,6 +146,7 @@ def run(
     try:
         state, step_fn = loop.start()
         for call in range(output.start // loop.k, loop.steps // loop.k):
+            loop.tracker.before_call(call * loop.k, (call + 1) * loop.k)
             state, metrics = step_fn(state, loop.batch(call))
             done = loop.dispatched(call, metrics)
             if not loop.due(done):
@@ -137,6 +154,10 @@ def run(
             losses = loop.sync(done)
             loop.police_nonfinite(losses)
             loop.log_and_evaluate(done, state, losses)
+            loop.keep_best(done, state)
+            if loop.stop_early(done):
+                loop.save(done, state, now=loop.ckpt is not None)
+                break
             loop.save(done, state)
             loop.stop_if_signalled(done, state)
         result = loop.result(state)
@@ -146,6 +167,23 @@ def run(
     finally:
         loop.close()
     return result
+
+
+def _resolve_schedule(config: mlc.ConfigDict, workdir, resume: bool) -> tuple[mlc.ConfigDict, bool]:
+    """``optimizer.schedule_steps = 0`` is the ``train.steps`` the run started with: fixed here, so that
+    ``config.json`` and the checkpoints record it and a resume with more steps keeps the schedule (read
+    from the run's ``config.json``). Returns the config and whether the user set it."""
+    config = cfg_lib.merge_into_default(config)
+    if config.optimizer.schedule_steps:
+        return config, True
+    steps = config.train.steps
+    if resume and workdir is not None:
+        try:
+            before = json.loads((Path(workdir).expanduser() / "config.json").read_text())
+            steps = before["optimizer"].get("schedule_steps") or before["train"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no readable config.json: check_output says what is wrong with the folder
+    return cfg_lib.apply_overrides(config, [f"optimizer.schedule_steps={int(steps)}"]), False
 
 
 def _open_run(setup: Setup, output: Output, overwrite: bool) -> RunDir | None:
@@ -220,12 +258,30 @@ class _Loop:
         self.failing = False  # the run is raising: close quietly
         self.signal: int | None = None  # SIGINT or SIGTERM received, acted on at the next sync
         self._handlers: dict = {}
+        self.done = start  # steps dispatched
+        # A resume trains the steps after ``start`` again: TensorBoard purges the old points from there.
+        with self._writing(out / TENSORBOARD if out else Path(TENSORBOARD)):
+            self.tracker = tracking.Tracker(config, out, self.leader, start + 1 if resume else 0)
+        # checkpoint.keep_best and train.early_stop_patience: the test metric's best value so far (signed:
+        # lower is better), its step, and how many evaluations since it improved.
+        c = config.checkpoint
+        self.best_metric = c.keep_best or "eval_loss"
+        self.best_sign = -1.0 if self.best_metric == "eval_accuracy" else 1.0
+        self.best = output.loop.get("best")
+        self.best_step = output.loop.get("best_step")
+        self.since_best = output.loop.get("since_best", 0)
+        self.stopped_early = False
+        self.best_ckpt = None
+        if c.keep_best and out is not None:  # every process: orbax saves sharded state together
+            self.best_ckpt = Checkpointer(out / BEST, config, strategy, keep=1)
 
     def start(self):
         """The initial (or restored) state and the step, compiled ahead of time."""
         strategy, s = self.setup.strategy, self.start_step
         self._catch_signals()
-        state = self.restored if self.resume else strategy.init(jax.random.key(self.setup.config.seed))
+        state = (
+            self.restored if self.resume else strategy.init(jax.random.key(seeds(self.setup.config)["init"]))
+        )
         self.restored = None
         self.first_batch = strategy.shard_batch(self.setup.batches.stack(s, self.k, self.rows))
         compile_start = time.perf_counter()
@@ -242,7 +298,7 @@ class _Loop:
 
     def dispatched(self, call: int, metrics) -> int:
         """Note a call in flight; returns the steps done once it completes."""
-        done = (call + 1) * self.k
+        done = self.done = (call + 1) * self.k
         events = metrics.pop("events", None)
         if self.events is not None and events:
             with self._writing(self.out / self.setup.strategy.events):
@@ -276,6 +332,7 @@ class _Loop:
             or self._save_now(done)
             or done - self.last_sync >= self.t.sync_every
             or (self.signal is not None and jax.process_count() == 1)
+            or self.tracker.wants_sync(done)
         )
 
     def sync(self, done: int) -> np.ndarray:
@@ -289,6 +346,7 @@ class _Loop:
         self.window.extend(hosts)
         self.pending = []
         self.synced_from, self.last_sync = self.last_sync, done
+        self.tracker.after_sync(done)
         return losses
 
     def police_nonfinite(self, losses: np.ndarray) -> None:
@@ -327,6 +385,9 @@ class _Loop:
             "nonfinite_steps": self.nonfinite_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "train_seconds": self.train_seconds,
+            "best": self.best,
+            "best_step": self.best_step,
+            "since_best": self.since_best,
         }
         if self.window:
             keys = self.window[-1]
@@ -434,10 +495,41 @@ class _Loop:
                 row.update(self.evaluate(self.setup.strategy.gather(state).params))
             with self._writing(self.out / "metrics.jsonl" if self.out else Path("metrics.jsonl")):
                 self.log.write(row)
+            self.tracker.log(row)
             self.progress.log(row)
             self.row = row
             self.window_seconds, self.window_steps, self.window = 0.0, 0, []
         self.chunk_start = time.perf_counter()
+
+    def keep_best(self, done: int, state) -> None:
+        """After an evaluation: note whether the test metric improved; with ``checkpoint.keep_best``,
+        save the state into ``WORKDIR/best_checkpoint`` (one kept) when it did."""
+        row = self.row
+        if row.get("step") != done or row.get(self.best_metric) is None:
+            return
+        value = self.best_sign * row[self.best_metric]
+        if self.best is not None and not value < self.best:
+            self.since_best += 1
+            return
+        self.best, self.best_step, self.since_best = value, done, 0
+        if self.best_ckpt is not None:
+            with self._writing(self.out / BEST / str(done)):
+                self.best_ckpt.save(done, state, loop=self._loop_state())
+
+    def stop_early(self, done: int) -> bool:
+        """``train.early_stop_patience``: that many evaluations in a row without improvement."""
+        patience = self.t.early_stop_patience
+        if not patience or self.since_best < patience or done >= self.steps:
+            return False
+        self.stopped_early = True
+        if self.leader:
+            print(
+                f"{self.setup.config.name}: stopped early at step {done}: {self.best_metric} has not improved "
+                f"for {self.since_best} evaluations (best {self.best_sign * self.best:.4g} at step "
+                f"{self.best_step})",
+                flush=True,
+            )
+        return True
 
     def close(self) -> None:
         self.progress.close()
@@ -456,6 +548,12 @@ class _Loop:
                         with self._writing(self.out / CHECKPOINTS):
                             self.ckpt.wait()
                     self.ckpt.close()
+                if self.best_ckpt is not None:
+                    if not self.best_ckpt.failed:
+                        with self._writing(self.out / BEST):
+                            self.best_ckpt.wait()
+                    self.best_ckpt.close()
+                self.tracker.close()
         finally:
             if self.quiet is not None:
                 self.quiet.__exit__(None, None, None)
@@ -480,7 +578,10 @@ class _Loop:
             "model": describe(setup.problem.model, ds.num_features),
             "num_params": int(sum(np.size(x) for x in jax.tree.leaves(final.params))),
             "data": repr(ds),
-            "steps": t.steps,
+            "steps": self.done,
+            "stopped_early": self.stopped_early,
+            "best_step": self.best_step,
+            f"best_{self.best_metric}": None if self.best is None else self.best_sign * self.best,
             "resumed_from_step": start if self.resume else None,
             "batch_size": t.batch_size,
             "steps_per_call": self.k,
@@ -488,7 +589,7 @@ class _Loop:
             "final_train_loss": row.get("train_loss"),
             "eval_loss": row.get("eval_loss"),
             "eval_accuracy": row.get("eval_accuracy"),
-            "samples_per_second": (t.steps - start)
+            "samples_per_second": (self.done - start)
             * t.batch_size
             / max(self.train_seconds - self.resumed_seconds, 1e-9),
             "compile_seconds": self.compile_seconds,

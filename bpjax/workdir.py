@@ -29,6 +29,10 @@ LOCK = ".lock"
 REPLACED = ".replaced-"
 DAMAGED = "damaged-checkpoints"  # unreadable checkpoints a resume skipped, kept for inspection
 CHECKPOINTS = "checkpoints"  # the folder inside a run's workdir
+BEST = "best_checkpoint"  # checkpoint.keep_best: the best checkpoint so far, beside the latest ones
+TENSORBOARD = "tensorboard"  # TensorBoard event files (and a train.profile trace)
+# What a run writes into its workdir: what --overwrite moves aside and a failed run's roll-back removes.
+OUTPUTS = (*RUN_FILES, CHECKPOINTS, BEST, TENSORBOARD)
 
 
 def _lock(workdir: Path) -> filelock.BaseFileLock:
@@ -94,7 +98,7 @@ def check(workdir: str | Path | None, overwrite: bool, resume: bool, probe_lock:
             )
         _writable(workdir / CHECKPOINTS, workdir)
         return workdir
-    taken = [f for f in (*RUN_FILES, CHECKPOINTS) if (workdir / f).exists()]
+    taken = [f for f in OUTPUTS if (workdir / f).exists()]
     if taken and not overwrite:
         raise UserError(
             f"{workdir} already holds a run ({taken[0]}); choose another --workdir, pass --resume to continue "
@@ -130,7 +134,7 @@ class RunDir:
 
     def move_aside(self) -> None:
         """``--overwrite``: move the earlier run's files into ``.replaced-*`` (a rename, nothing copied)."""
-        old = [self.workdir / f for f in (*RUN_FILES, CHECKPOINTS) if (self.workdir / f).exists()]
+        old = [self.workdir / f for f in OUTPUTS if (self.workdir / f).exists()]
         if not old:
             return
         self.replaced = self.workdir / f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -158,7 +162,7 @@ class RunDir:
         """The new run failed before it had anything to show: put the earlier run back. True if it did."""
         if self.replaced is None:
             return False
-        for f in (*RUN_FILES, CHECKPOINTS):
+        for f in OUTPUTS:
             path = self.workdir / f
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

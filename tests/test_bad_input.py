@@ -61,6 +61,11 @@ def files(tmp_path):
         )
     (tmp_path / "labels.idx").write_bytes(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + bytes(10))
     (tmp_path / "broken.py").write_text("def get_config(:\n")
+    (tmp_path / "named.csv").write_text(
+        "x1,x2,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(20))
+    )
+    (tmp_path / "cmp").mkdir(exist_ok=True)
+    (tmp_path / "cmp" / "comparison.md").write_text("an earlier comparison\n")
     # Labels and values no model can be built from.
     x = np.random.default_rng(0).normal(size=(40, 3))
     np.savez(tmp_path / "huge_labels.npz", x=x, y=np.array([0, 10**9] * 20))
@@ -383,6 +388,7 @@ CASES = {
     # --------------------------------------------------------------------------- the experiment file
     "missing experiment": ("run no/such/experiment.py", "experiment file 'no/such/experiment.py' not found"),
     "misspelt experiment": ("run {tmp}/brokn.py", "not found; did you mean '{tmp}/broken.py'?"),
+    "misspelt example name": ("run mnist1d_dpp", "not found; did you mean the example 'mnist1d_dp'?"),
     "broken experiment": ("run {tmp}/broken.py", "broken.py failed to load: SyntaxError"),
     "experiment a folder": ("run {tmp}", "is a folder; pass one .py file"),
     "experiment with a slash": ("run {tmp}/broken.py/", "ends with a slash but is a file"),
@@ -499,6 +505,18 @@ CASES = {
     "label column too negative": (
         csv("good.csv", "data.label_column=-4"),
         "data.label_column=-4 is outside the 3 columns",
+    ),
+    "label column misspelt": (
+        csv("named.csv", "data.label_column=lable"),
+        "data.label_column='lable' is not a column of {tmp}/named.csv; did you mean 'label'?",
+    ),
+    "label name without a header": (
+        csv("good.csv", "data.label_column=label"),
+        "data.label_column='label' names a column, but {tmp}/good.csv has no header row",
+    ),
+    "label column a fraction": (
+        csv("good.csv", "data.label_column=1.5"),
+        "data.label_column=1.5 must be a whole number or a name in quotes",
     ),
     # IDX and gzip files.
     "idx of 0 dimensions": (idx("{tmp}/zero_dim.idx"), "holds a 0-dimensional IDX array (one number)"),
@@ -663,6 +681,46 @@ CASES = {
     "resume into a model too large": (
         resume("parallel.strategy=async", "parallel.staleness=1000000"),
         "async needs about",
+    ),
+    # Tracking, keep-best, seeds (issue 13).
+    "profile of one step": (sets("train.profile=(5,)"), "train.profile=(5,) must be (start, stop)"),
+    "profile past the end": (sets("train.profile=(5, 5000)"), "start < stop <= train.steps=3000"),
+    "profile backwards": (sets("train.profile=(20, 10)"), "must be (start, stop) with start < stop"),
+    "keep_best of no metric": (sets("checkpoint.keep_best=train_loss"), "checkpoint.keep_best='train_loss'"),
+    "negative patience": (sets("train.early_stop_patience=-1"), "train.early_stop_patience=-1 must be >= 0"),
+    "seeds.split below -1": (sets("seeds.split=-2"), "seeds.split=-2 must be in [-1, 2147483647]"),
+    "seeds.init not a number": (sets("seeds.init='a'"), "seeds.init must be of type int"),
+    "compare seeds not numbers": ("compare EXP --seeds 0,x", "--seeds '0,x': give whole numbers"),
+    "compare a seed twice": ("compare EXP --seeds 1,2,1", "names a seed twice"),
+    "compare negative seed": ("compare EXP --seeds=-3", "seed -3 is outside [0, 2147483647]"),
+    "compare into a comparison": (
+        "compare EXP --workdir {tmp}/cmp",
+        "{tmp}/cmp already holds a comparison (comparison.md); choose another --workdir or pass --overwrite",
+    ),
+    # bpjax runs and bpjax predict.
+    "runs in no folder": ("runs {tmp}/nowhere", "bpjax runs: {tmp}/nowhere does not exist"),
+    "runs in a file": ("runs {tmp}/good.csv", "is a file"),
+    "predict from no folder": (
+        "predict {tmp}/nowhere {tmp}/good.csv",
+        "run folder {tmp}/nowhere does not exist",
+    ),
+    "predict from a non-run": ("predict {tmp}/data {tmp}/good.csv", "is not a bpjax run (no config.json)"),
+    "predict without a best checkpoint": (
+        "predict {tmp}/old {tmp}/good.csv --best",
+        "holds no best checkpoint to load; train with --set checkpoint.keep_best=eval_loss",
+    ),
+    "predict missing input": ("predict {tmp}/old {tmp}/missing.npz", "no such file"),
+    "predict text in the input": ("predict {tmp}/old {tmp}/bad.csv", "not a number"),
+    "predict NaN input": ("predict {tmp}/old {tmp}/nan.npz", "example 5 holds a NaN or Inf"),
+    "predict other file type": ("predict {tmp}/old {tmp}/experiment.txt", "must be an .npz file"),
+    "predict wrong feature count": ("predict {tmp}/old {tmp}/good.csv", "the inputs have 3 features"),
+    "predict output type": (
+        "predict {tmp}/old {tmp}/good.csv --output {tmp}/p.txt",
+        "must end in .csv or .npz",
+    ),
+    "predict output folder missing": (
+        "predict {tmp}/old {tmp}/good.csv --output {tmp}/no/p.csv",
+        "its folder does not exist",
     ),
     # Resources: a run that cannot fit in memory is refused before anything is allocated.
     "widths too large": (sets("model.hidden=(30000, 30000)"), "dp needs about"),

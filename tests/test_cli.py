@@ -89,3 +89,28 @@ def test_usage_errors_are_one_line_and_help_still_works():
     assert out.stdout == ""
     out = subprocess.run([*bpjax, "run", "--help"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and out.stdout.startswith("usage: bpjax run") and out.stderr == ""
+
+
+def test_help_and_version_start_without_jax(tmp_path):
+    """``bpjax --help``, ``--version`` and ``runs`` import no JAX, Flax or orbax (``--help`` took 1.5-1.9 s
+    when it did)."""
+    code = (
+        "import sys\n"
+        "from bpjax.cli import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['--version'], ['runs', sys.argv[1]]):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax', 'optax'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout and f"no runs under {tmp_path}" in out.stdout, out.stdout[-500:]
+    assert "usage: bpjax" in out.stdout
+    from importlib.metadata import version
+
+    assert f"bpjax {version('bpjax')}" in out.stdout

@@ -240,3 +240,33 @@ def test_study_files(tmp_path, root):
         with pytest.raises(UserError) as e:
             cfg_lib.from_study(tmp_path / "study.py")
         assert message in str(e.value)
+
+
+def test_dict_values_set_a_section():
+    """``--set parallel.mesh="{'model': 4}"`` replaces the mesh; a dict for another section sets its keys."""
+    c = cfg_lib.apply_overrides(cfg_lib.default(), ["parallel.mesh={'model': 4}", "train={'steps': 7}"])
+    assert c.parallel.mesh.to_dict() == {"model": 4} and c.train.steps == 7 and c.train.batch_size == 128
+    with pytest.raises(UserError, match="unknown config key 'train.setps'"):
+        cfg_lib.apply_overrides(cfg_lib.default(), ["train={'setps': 7}"])
+    with pytest.raises(UserError, match="the keys of a section are names"):
+        cfg_lib.apply_overrides(cfg_lib.default(), ["parallel.mesh={1: 4}"])
+
+
+def test_data_path_is_found_beside_the_experiment_file(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "train.csv").write_text("1,2,0\n")
+    (tmp_path / "exp" / "e.py").write_text(
+        "from bpjax.config import default\n\n"
+        "def get_config():\n"
+        "    c = default()\n"
+        "    c.data.name = 'csv'\n"
+        "    c.data.path = 'train.csv'\n"
+        "    return c\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cfg_lib.load("../exp/e.py").data.path == str(tmp_path / "exp" / "train.csv")
+    # A file that exists from the working directory wins.
+    (elsewhere / "train.csv").write_text("1,2,0\n")
+    assert cfg_lib.load("../exp/e.py").data.path == "train.csv"

@@ -126,6 +126,15 @@ def test_csv_with_header_and_label_column(tmp_path):
     np.testing.assert_array_equal(ds.x_train[:, 1], 2 * ds.x_train[:, 0])
     reg = data.load(data_cfg(name="csv", path=str(p), label_column=-1, task="regression"), seed=0)
     assert reg.task == "regression" and reg.y_train.shape[1] == 1
+    # The label column by its header name, as a --set or an experiment file gives it.
+    by_name = data.load(data_cfg(name="csv", path=str(p), label_column="label", standardize=False), seed=0)
+    np.testing.assert_array_equal(by_name.x_train, ds.x_train)
+    np.testing.assert_array_equal(by_name.y_train, ds.y_train)
+    c = cfg_lib.default()
+    c.data.label_column = " label"  # set in a get_config(): no ml_collections type error
+    c = cfg_lib.apply_overrides(cfg_lib.merge_into_default(c), ["data.name=csv", f"data.path={p}"])
+    cfg_lib.validate(c)
+    assert data.load(c.data, 0).num_outputs == 3
 
 
 def write_idx(path, array, gz=False):

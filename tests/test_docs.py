@@ -74,3 +74,38 @@ def test_every_strategy_is_documented(root):
     for name in strategies.REGISTRY:
         assert name in rows, f"README.md's strategy table has no row for {name!r}"
         assert name in named, f"docs/strategies.md has no section heading naming `{name}`"
+
+
+def test_experiment_results_are_measured_and_stamped(root):
+    """docs/experiments.md's results come from benchmarks/experiment_results.py, with a stamp line naming
+    the command, date, machine and JAX version, and a row for every experiment file."""
+    text = (root / "docs" / "experiments.md").read_text()
+    block = text.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
+    stamp = re.search(
+        r"Measured by `python benchmarks/experiment_results.py --write` on (\d{4}-\d\d-\d\d): .*jax (\S+),",
+        block,
+    )
+    assert stamp, "no stamp line; run: python benchmarks/experiment_results.py --write"
+    rows = set(re.findall(r"^\| `([^`]+)` \|", block, re.MULTILINE))
+    files = {p.stem for p in (root / "experiments").glob("*.py") if "def get_configs" not in p.read_text()}
+    assert files <= rows, (
+        f"{sorted(files - rows)} have no measured row; run: python benchmarks/experiment_results.py --write"
+    )
+
+
+def test_every_notebook_is_rendered_in_the_docs(root):
+    """docs/notebooks/NN_name.md: each notebook with its outputs (benchmarks/render_notebooks.py), stamped,
+    in the site's nav."""
+    nav = (root / "mkdocs.yml").read_text()
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        page = root / "docs" / "notebooks" / f"{notebook.stem}.md"
+        fix = "run: python benchmarks/render_notebooks.py"
+        assert page.is_file(), f"{notebook.name} has no rendered page; {fix}"
+        text = page.read_text()
+        assert text.startswith("*Rendered by `python benchmarks/render_notebooks.py"), (
+            f"{page.name}: no stamp; {fix}"
+        )
+        assert re.search(r"on \d{4}-\d\d-\d\d: .*jax \S+", text.splitlines()[0]), page.name
+        assert f"notebooks/{notebook.stem}.md" in nav, f"mkdocs.yml's nav does not list {page.name}"
+        for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+            assert (page.parent / image).is_file(), f"{page.name} shows {image}, which is missing; {fix}"

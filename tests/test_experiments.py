@@ -74,3 +74,21 @@ def test_wide_synthetic_does_not_fit_under_dp():
                 UserError, match=f"{name} needs .* MiB per device"
             ):  # before anything is built
                 prepare(cfg_lib.load(path, [f"parallel.strategy={name}"]))
+
+
+def test_examples_are_found_by_name_from_any_folder(tmp_path, monkeypatch, root):
+    """``bpjax run mnist1d_dp``: the examples ship in the package (bpjax.experiments in the wheel)."""
+    monkeypatch.chdir(tmp_path)
+    by_name = cfg_lib.load("mnist1d_dp", ["train.steps=5"])
+    assert by_name.to_dict() == cfg_lib.load(root / "experiments/mnist1d_dp.py", ["train.steps=5"]).to_dict()
+    assert {p.stem for p in EXPERIMENTS} <= set(cfg_lib.examples())
+    assert "study_sync_async" in cfg_lib.examples()  # studies too, for bpjax compare NAME
+
+
+def test_the_wheel_lists_every_package(root):
+    """pyproject.toml names the packages (to map experiments/ to bpjax.experiments): none may be missing."""
+    import tomllib
+
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "bpjax").rglob("__init__.py")}
+    assert found | {"bpjax.experiments"} == listed

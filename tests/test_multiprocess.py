@@ -37,7 +37,7 @@ SETTINGS = [
     "distributed.heartbeat_timeout_s=5",
 ]
 CASES = {
-    "dp": ["parallel.strategy=dp"],
+    "dp": ["parallel.strategy=dp", "checkpoint.keep_best=eval_loss"],  # both processes save the best
     "pipeline_1f1b": [  # 8 stages: 4 on each process
         "parallel.strategy=pipeline",
         "model.hidden=(32, 24, 24, 24, 16, 16, 16)",
@@ -85,6 +85,11 @@ def test_two_processes_match_one(root, tmp_path, case):
     assert_trees_close(single.gather(state), reference.state, rtol=1e-5)
     # Only process 0 wrote the log: one row per logged step, not one per process.
     assert len(rows) == 24 // 4
+    assert len(list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))) == 1
+    if "checkpoint.keep_best=eval_loss" in overrides:
+        step, best = restore_latest(tmp_path / "run/best_checkpoint", config, single)
+        assert step == 24  # the one evaluation
+        assert_trees_close(single.gather(best), reference.state, rtol=1e-5)
 
 
 def test_processes_must_divide_devices(root, tmp_path):

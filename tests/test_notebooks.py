@@ -9,6 +9,9 @@ The execution test starts a fresh kernel process, because JAX fixes its device c
 ``BPJAX_QUICK=1`` makes the notebooks train for a few hundred steps instead of thousands.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jupytext
@@ -47,11 +50,38 @@ def test_notebook_paired_and_clean(path):
             assert cell.execution_count is None, f"{path.name} cell {i} stores an execution count"
 
 
+# The quick-start notebook runs as the README says, with the notebooks extra's command line:
+# ``jupyter nbconvert --to notebook --execute notebooks/01_quickstart.ipynb`` (the others through nbclient,
+# the library nbconvert runs them with, so that none runs twice).
+HEADLESS = "01_quickstart"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_headless_with_jupyter_nbconvert(tmp_path):
+    jupyter = Path(sys.executable).parent / "jupyter"
+    assert jupyter.is_file(), "the notebooks extra installs jupyter (nbconvert, jupyterlab)"
+    cmd = [str(jupyter), "nbconvert", "--to", "notebook", "--execute", f"notebooks/{HEADLESS}.ipynb"]
+    cmd += ["--output-dir", str(tmp_path), f"--ExecutePreprocessor.timeout={CELL_TIMEOUT}"]
+    env = {**os.environ, "BPJAX_QUICK": "1"}
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend
+    out = subprocess.run(cmd, cwd=NOTEBOOKS_DIR.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    executed = nbformat.read(tmp_path / f"{HEADLESS}.ipynb", as_version=4)
+    code = [c for c in executed.cells if c.cell_type == "code"]
+    assert code and all(c.execution_count for c in code)  # every cell ran
+    errors = [o for c in code for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors
+
+
 # A fresh kernel per notebook; about 20 s for 01_quickstart on 2 cores. jupyter_client and zmq have
 # warned while a kernel starts or stops (platformdirs migration, zmq on the selector event loop);
 # pyproject.toml ignores those two, and none of them fires with jupyter_client 8.10 and pyzmq 27.
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize(
+    "path",
+    [p for p in NOTEBOOKS if p.stem != HEADLESS],
+    ids=[p.stem for p in NOTEBOOKS if p.stem != HEADLESS],
+)
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("BPJAX_QUICK", "1")  # inherited by the kernel process
     monkeypatch.delenv("MPLBACKEND", raising=False)  # let the kernel use its inline backend

@@ -139,7 +139,14 @@ def test_a_resumed_threads_run_replays(tmp_path):
     resumed = run(longer, tmp_path / "real", resume=True)
     updates = read_jsonl(tmp_path / "real" / EVENTS)
     assert "bpjax_events" in updates[0] and [u["step"] for u in updates[1:]] == list(range(1, 73))
-    replayed = run(replay_of(longer, tmp_path / "real"))  # a run's workdir names its trace
+    replay = replay_of(longer, tmp_path / "real")  # a run's workdir names its trace
+    with pytest.raises(
+        UserError, match="over 48 steps, this run's spans 72; set optimizer.schedule_steps=48"
+    ):
+        run(replay)
+    # The learning-rate schedule the resumed run kept (its first start's).
+    replay.optimizer.schedule_steps = 48
+    replayed = run(replay)
     assert_trees_close(replayed.state, resumed.state, rtol=0, atol=0, what="replay of a resumed run")
     assert [r["train_loss"] for r in replayed.history] == [r["train_loss"] for r in rows(tmp_path / "real")]
 

@@ -53,6 +53,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bpjax.config import with_schedule_steps
 from bpjax.devices import make_mesh, mesh_axes
 from bpjax.errors import UserError
 from bpjax.schema import Choice, Dict, Int, Str
@@ -159,11 +160,16 @@ def read_trace(path: str | Path) -> tuple[dict, list[dict]]:
 def check_trace(trace: tuple[dict, list[dict]], config) -> None:
     """The trace was recorded under this config (data, model, optimizer, batches) and covers its steps."""
     header, updates = trace
-    recorded = header.get("config", {})
-    ours = config.to_dict()
+    # Copies (JSON-normalised) whose optimizer.schedule_steps is compared apart, after the length.
+    recorded = json.loads(json.dumps(with_schedule_steps(header.get("config", {}))))
+    ours = json.loads(json.dumps(with_schedule_steps(config.to_dict())))
+    schedule = []
+    for d in (recorded, ours):
+        opt = d.get("optimizer")
+        schedule.append(opt.pop("schedule_steps", None) if isinstance(opt, dict) else None)
     for key in MUST_MATCH:
         a, b = _get(recorded, key), _get(ours, key)
-        if a != json.loads(json.dumps(b)):
+        if a != b:
             raise UserError(
                 f"parallel.replay: the trace was recorded with {key}={a!r}, this run has {b!r}; replay it "
                 "under the config that recorded it"
@@ -175,6 +181,11 @@ def check_trace(trace: tuple[dict, list[dict]], config) -> None:
         )
         raise UserError(
             f"parallel.replay: the trace holds {len(updates)} updates{then}; set train.steps <= {len(updates)}"
+        )
+    if schedule[0] is not None and schedule[0] != schedule[1]:
+        raise UserError(
+            f"parallel.replay: the trace was recorded with a learning-rate schedule over {schedule[0]} steps, "
+            f"this run's spans {schedule[1]}; set optimizer.schedule_steps={schedule[0]}"
         )
 
 
