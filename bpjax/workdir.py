@@ -31,8 +31,9 @@ DAMAGED = "damaged-checkpoints"  # unreadable checkpoints a resume skipped, kept
 CHECKPOINTS = "checkpoints"  # the folder inside a run's workdir
 BEST = "best_checkpoint"  # checkpoint.keep_best: the best checkpoint so far, beside the latest ones
 TENSORBOARD = "tensorboard"  # TensorBoard event files (and a train.profile trace)
+TRACE = "staleness.jsonl"  # a threads run's record of every update (`bpjax.strategies.threaded`)
 # What a run writes into its workdir: what --overwrite moves aside and a failed run's roll-back removes.
-OUTPUTS = (*RUN_FILES, CHECKPOINTS, BEST, TENSORBOARD)
+OUTPUTS = (*RUN_FILES, CHECKPOINTS, BEST, TENSORBOARD, TRACE)
 
 
 def _lock(workdir: Path) -> filelock.BaseFileLock:

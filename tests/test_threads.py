@@ -190,3 +190,11 @@ def test_threads_and_simulated_runs_resume_each_other(tmp_path, capsys):
         check_trace((header, updates), replay_of(again, workdir))
     replayed = run(replay_of(threads, workdir))
     assert_trees_close(replayed.state, first.state, rtol=0, atol=0, what="replay of the threads stretch")
+
+
+def test_overwrite_moves_an_earlier_trace_aside(tmp_path):
+    """A trace is part of a run's output: --overwrite by a run that writes none leaves no stale trace."""
+    run(config(strategy="async", execution="threads"), tmp_path)
+    assert (tmp_path / EVENTS).exists()
+    run(config(strategy="async"), tmp_path, overwrite=True)
+    assert not (tmp_path / EVENTS).exists()

@@ -59,9 +59,10 @@ from bpjax.errors import UserError
 from bpjax.schema import Choice, Dict, Int, Str
 from bpjax.step import Problem, TrainState
 from bpjax.strategies.base import EVENTS_FORMAT, Checkpointing, Cost, CostInput, Strategy
+from bpjax.workdir import TRACE
 
 AXIS = "data"
-EVENTS = "staleness.jsonl"  # the trace a threads run writes into its workdir
+EVENTS = TRACE  # the trace a threads run writes into its workdir
 # Config sections a replay must share with the run that recorded the trace (as a resume must).
 MUST_MATCH = ("seed", "data", "model", "optimizer", "train.batch_size", "train.loss", "train.steps_per_call")
 
