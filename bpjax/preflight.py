@@ -66,6 +66,13 @@ def prepare(config: mlc.ConfigDict) -> Setup:
             f"train.batch_size={b} is not divisible by {n} data-parallel devices; "
             f"use a multiple of {n} such as {max(b // n, 1) * n}"
         )
+    a = config.train.accumulate
+    if (b // n) % a:
+        raise UserError(
+            f"train.accumulate={a} does not divide the {b // n} examples each of {n} data-parallel devices "
+            f"gets of train.batch_size={b}; use a batch size divisible by {n * a}, e.g. "
+            f"{max(b // (n * a), 1) * n * a}, or another train.accumulate"
+        )
     batches = data_lib.Batches(ds.x_train, ds.y_train, b, config.seed)
     setup = Setup(config, ds, problem, strategy, batches)
     check_multi_process(setup, processes)

@@ -83,7 +83,7 @@ def make(problem: Problem, mesh: dict, *, n_push: int, n_fetch: int) -> Strategy
     )
 
     def worker(step, cache, accum_1x, batch):
-        loss, grads = jax.value_and_grad(problem.loss_fn)(cache, batch)
+        loss, grads = problem.loss_and_grads(cache, batch)
         accum = jax.tree.map(lambda a, g: a[0] + g, accum_1x, grads)
         push = (step + 1) % n_push == 0
 
