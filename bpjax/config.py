@@ -175,6 +175,14 @@ SCHEMA: dict[str, Any] = {
             "jax.default_matmul_precision of the step's matmuls: default lets XLA choose (TF32 for "
             "float32 on recent NVIDIA GPUs), highest forces full float32",
         ),
+        "device_data": Choice(
+            "auto",
+            ("auto", "on", "off"),
+            "on: keep the training set on the devices and draw each call's batches there (same order, "
+            "bit-identical); off: gather them on the host and copy them, prefetching the next call's "
+            "while the current one runs; auto: on when the training set takes at most a quarter of a "
+            "device's memory and the run is one process",
+        ),
         "sync_every": Int(
             16, "block on a result at least this often (forced CPU collectives can deadlock)", min=1
         ),

@@ -30,6 +30,7 @@ from bpjax import data as data_lib
 from bpjax import distributed, faults
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
 from bpjax.errors import Interrupted, TrainingStopped, WriteFailed, quiet_stderr, warn
+from bpjax.feed import Feed
 from bpjax.metrics import MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
 from bpjax.preflight import Output, Setup, check_output, prepare
@@ -189,6 +190,7 @@ class _Loop:
         self.log = MetricsLog(out if self.leader else None, append=resume)
         self.evaluate = make_evaluator(setup.problem, setup.dataset)
         self.rows = strategy.batch_rows(t.batch_size)
+        self.feed = Feed(setup.batches, strategy, self.k, self.rows, t.device_data)
         self.progress = Progress(
             t.steps, t.progress if self.leader else "off", desc=f"{config.name} [{strategy.name}]"
         )
@@ -219,7 +221,7 @@ class _Loop:
         self._catch_signals()
         state = self.restored if self.resume else strategy.init(jax.random.key(self.setup.config.seed))
         self.restored = None
-        self.first_batch = strategy.shard_batch(self.setup.batches.stack(s, self.k, self.rows))
+        self.first_batch = self.feed(s // self.k)
         compile_start = time.perf_counter()
         step_fn = strategy.step.lower(state, self.first_batch).compile()
         self.compile_seconds = time.perf_counter() - compile_start
@@ -230,7 +232,7 @@ class _Loop:
     def batch(self, call: int):
         if call == self.start_step // self.k:
             return self.first_batch
-        return self.setup.strategy.shard_batch(self.setup.batches.stack(call * self.k, self.k, self.rows))
+        return self.feed(call)
 
     def dispatched(self, call: int, metrics) -> int:
         """Note a call in flight; returns the steps done once it completes."""
@@ -428,6 +430,7 @@ class _Loop:
 
     def close(self) -> None:
         self.progress.close()
+        self.feed.close()
         try:
             # After a failure, whatever else fails while shutting down (a full disk again, orbax's
             # failed background save) is a consequence: the first error is the one to report.
@@ -478,6 +481,7 @@ class _Loop:
             / max(self.train_seconds - self.resumed_seconds, 1e-9),
             "compile_seconds": self.compile_seconds,
             "wall_seconds": time.perf_counter() - self.wall_start,
+            "device_data": self.feed.on_device,
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
         }

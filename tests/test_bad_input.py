@@ -594,6 +594,7 @@ CASES = {
         sets("train.matmul_precision=fastest"),
         "train.matmul_precision='fastest' is not known",
     ),
+    "device data": (sets("train.device_data=yes"), "train.device_data='yes' is not known"),
     # XLA_FLAGS device counts XLA would crash on, refused before JAX starts.
     "device flag not a number": (
         "env XLA_FLAGS=--xla_force_host_platform_device_count=abc",
