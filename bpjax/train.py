@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from bpjax import data as data_lib
 from bpjax import distributed, faults
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
+from bpjax.devices import describe as describe_devices
 from bpjax.errors import Interrupted, TrainingStopped, WriteFailed, quiet_stderr, warn
 from bpjax.feed import Feed
 from bpjax.metrics import MetricsLog, Progress, read_jsonl, write_json
@@ -221,6 +222,12 @@ class _Loop:
         self._catch_signals()
         state = self.restored if self.resume else strategy.init(jax.random.key(self.setup.config.seed))
         self.restored = None
+        where = "on the device" if self.feed.on_device else "from the host, prefetched"
+        mesh = dict(strategy.mesh.shape) if strategy.mesh is not None else {}
+        for note in self.setup.notes:
+            self.progress.note(f"bpjax: {note}")
+        devices = describe_devices(strategy.devices)
+        self.progress.note(f"bpjax: {devices}; {strategy.name} over {mesh}; batches {where}")
         self.first_batch = self.feed(s // self.k)
         compile_start = time.perf_counter()
         step_fn = strategy.step.lower(state, self.first_batch).compile()
