@@ -255,6 +255,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="timed rounds (default 5; quick 2)")
     p.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    # The command as run (without --json), for the table's header.
+    given = [f"--{k} {v}" for k, v in (("steps", args.steps), ("rounds", args.rounds)) if v]
+    args.command = " ".join(
+        ["python benchmarks/accelerator.py", *(["--quick"] if args.quick else []), *given]
+    )
     args.steps = args.steps or (8 if args.quick else 100)
     args.rounds = args.rounds or (2 if args.quick else 5)
     return args
@@ -352,7 +357,7 @@ def main(argv=None) -> dict:
             report(f"scaling {n} devices", times, c.name, single.name, "samples/s", b)
 
     meta = dict(
-        command="python benchmarks/accelerator.py" + (" --quick" if args.quick else ""),
+        command=args.command,
         date=time.strftime("%Y-%m-%d"),
         backend=jax.default_backend(),
         device=device.device_kind,
