@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 from test_equivalence import FIRST_OPTIMIZER, make_config, setup
 
+import bpjax
 from bpjax import data, strategies
 from bpjax.step import Problem
 from bpjax.testing import assert_trees_close, train_steps
@@ -67,3 +68,14 @@ def test_microbatches_equal_one_big_batch(name, dataset, whole_batches):
     _, expected, expected_losses = whole_batches[opt]
     assert_trees_close(losses, expected_losses, rtol=1e-4, atol=1e-5, what=f"{name} losses")
     assert_trees_close(state, expected, rtol=1e-4, atol=1e-5, what=f"{name} state")
+
+
+def test_the_plan_counts_one_microbatchs_activations():
+    plans = {}
+    for n in (1, 4):
+        c = make_config()
+        c.parallel.strategy, c.parallel.mesh = "dp", {"data": 2}
+        c.train.accumulate = n
+        plans[n] = bpjax.prepare(c).plan
+    assert plans[4].totals["act_bytes"] * 4 == plans[1].totals["act_bytes"] > 0
+    assert plans[4].state_bytes == plans[1].state_bytes
