@@ -17,6 +17,10 @@ reported, so that load drifting between rounds cancels). Rows (full sizes; ``--q
            as a fraction of the device's datasheet peak (`PEAKS`; dense bf16, no sparsity).
   small    784-1024-1024-10, fp32, B=1024 and B=128: samples/s of bpjax with 1 and 100 steps per call
            against PyTorch eager where torch is importable, else against the hand-written jit step.
+  input    the small net at B=128, one step per call, fed a new batch every call by bpjax's input
+           pipeline (``train.device_data`` on: drawn on the device; off: host batches, prefetched) from
+           a 60000-row training set, against the same step on one fixed batch: whether the input
+           pipeline shows (target >= 0.98).
   overhead ``pmap`` and ``dp`` on one device against ``single`` (the parallel machinery's cost when
            there is nothing to parallelise), small net, B=128.
   scaling  with more than one device: samples/s of dp, fsdp, tensor and pipeline on all of them (the
@@ -48,6 +52,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import bpjax  # noqa: E402
+from bpjax.feed import Feed  # noqa: E402
 
 SYNC_CALLS = 16  # await a result at least this often (simulated CPU collectives deadlock with many queued)
 
@@ -163,6 +168,31 @@ def bpjax_contender(name, widths, batch, precision, loss, k=1, strategy="single"
     return jax_contender(name, s.step, state, s.shard_batch(host_batch(widths, batch, loss, k)), k)
 
 
+def feed_contender(name, strategy, rows, widths, batch, mode) -> Contender:
+    """``strategy.step`` fed by `bpjax.feed.Feed` (``train.device_data`` = ``mode``) from a random
+    training set of ``rows`` examples, a new call's batches every call, as in a run."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, widths[0]), dtype=np.float32)
+    y = rng.integers(0, widths[-1], rows).astype(np.int32)
+    feed = Feed(bpjax.Batches(x, y, batch, 0), strategy, 1, slice(None), mode)
+    state = strategy.init(jax.random.key(0))
+    step, first = feed.compile(strategy.step, state, 0)  # as the train loop does
+    box = [state, 0]
+
+    def run(calls: int) -> float:
+        state, call, out = box[0], box[1], None
+        start = time.perf_counter()
+        for i in range(calls):
+            state, out = step(state, feed(call + i))
+            if (i + 1) % SYNC_CALLS == 0:
+                jax.block_until_ready(out)
+        jax.block_until_ready((state, out))
+        box[0], box[1] = state, call + calls
+        return time.perf_counter() - start
+
+    return Contender(name, run)
+
+
 class HandMLP(nn.Module):
     """The net written out as a user would, without bpjax."""
 
@@ -243,9 +273,16 @@ def torch_contender(name, widths, batch, bf16: bool, loss) -> Contender | None:
 # ------------------------------------------------------------------------------------------- main
 
 FULL = dict(
-    wide=(8192, 8), wide_batch=8192, small=(784, 1024, 1024, 10), small_batches=(1024, 128), fused=100
+    wide=(8192, 8),
+    wide_batch=8192,
+    small=(784, 1024, 1024, 10),
+    small_batches=(1024, 128),
+    fused=100,
+    train_rows=60000,  # MNIST's training set
 )
-QUICK = dict(wide=(128, 4), wide_batch=64, small=(784, 64, 64, 10), small_batches=(32,), fused=4)
+QUICK = dict(
+    wide=(128, 4), wide_batch=64, small=(784, 64, 64, 10), small_batches=(32,), fused=4, train_rows=2000
+)
 
 
 def parse_args(argv=None):
@@ -322,6 +359,18 @@ def main(argv=None) -> dict:
         for c in contenders:
             target = ">= 8" if base.name.startswith("PyTorch") and c.steps_per_call > 1 else ""
             report(f"small {net}", times, c.name, base.name, "samples/s", batch, target)
+
+    # input: the same step fed each call's batches by bpjax's input pipeline, against one fixed batch.
+    batch = sizes["small_batches"][-1]
+    s = built(tuple(small), batch, "fp32", "cross_entropy", "single", (("data", 1),), ())
+    fixed = bpjax_contender("bpjax K=1, one fixed batch", small, batch, "fp32", "cross_entropy")
+    contenders = [fixed] + [
+        feed_contender(f"bpjax K=1, {label}", s, sizes["train_rows"], small, batch, mode)
+        for label, mode in (("batches drawn on the device", "on"), ("host batches, prefetched", "off"))
+    ]
+    times = race(contenders, args.rounds, args.steps)
+    for c in contenders[1:]:
+        report("input pipeline", times, c.name, fixed.name, "samples/s", batch, ">= 0.98")
 
     # overhead: the parallel machinery on one device.
     batch = sizes["small_batches"][-1]

@@ -29,6 +29,9 @@ from bpjax.strategies.base import Strategy, to_host
 
 # The share of one device's memory a training set may take to be kept there under ``auto``.
 DEVICE_SHARE = 0.25
+# Row numbers sent to the devices at a time (on the device): a block of up to CHUNK_CALLS calls'.
+CHUNK_CALLS = 256
+CHUNK_INDICES = 2**20
 
 
 def fits_on_device(strategy: Strategy, nbytes: int) -> bool:
@@ -46,7 +49,12 @@ def fits_on_device(strategy: Strategy, nbytes: int) -> bool:
 
 
 class Feed:
-    """``feed(call) -> device batch`` of steps ``call*K .. call*K+K-1``; ``on_device`` says which way."""
+    """The input of a run's compiled calls.
+
+    ``step_fn, first = feed.compile(strategy.step, state, call)`` then ``step_fn(state, feed(c))`` for
+    each call c: ``feed(c)`` is the call's row numbers on the device (``on_device``) or its batches
+    from the host. ``feed.batch(c)`` is the device batch either way (what ``strategy.step`` sees).
+    """
 
     def __init__(self, batches: Batches, strategy: Strategy, k: int, rows: slice, mode: str = "auto"):
         self.batches, self.strategy, self.k, self.rows = batches, strategy, k, rows
@@ -56,17 +64,78 @@ class Feed:
         )
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next: tuple[int, concurrent.futures.Future] | None = None
-        self._take: Callable | None = None
+        self._gather: Callable | None = None
 
     def __call__(self, call: int):
+        """What ``step_fn`` takes for call ``call``: the call number on the device (``step_fn`` finds
+        its rows there), else the call's batches from the host."""
         if self.on_device:
-            return self._on_device(call)
+            return call
         return self._from_host(call)
+
+    def batch(self, call: int):
+        """The device batch of call ``call``, laid out as ``strategy.shard_batch`` lays it out."""
+        if self.on_device:
+            idx = self.rows_on_device(call)  # sets the gather up on the first call
+            return jax.jit(self._gather)(self._data, idx)
+        return self._from_host(call)
+
+    def compile(self, step: Callable, state, call: int):
+        """``(step_fn, feed(call))``: ``step`` compiled ahead of time for ``state`` and this input.
+
+        On the device ``step_fn`` is one program that takes the call's row numbers from a block of
+        calls' already on the device (a device-side counter, advanced by the program itself, says
+        which), gathers the rows and runs the step. A call is then one dispatch with nothing sent
+        to the device, as with a batch placed once; a block of row numbers (`CHUNK_INDICES` at most)
+        is sent every so many calls, or when the calls do not follow each other.
+        """
+        first = self(call)
+        if not self.on_device:
+            return step.lower(state, first).compile(), first
+        self.rows_on_device(call)  # sets the gather up
+        gather, data = self._gather, self._data
+
+        def fused(st, chunk, j, data):
+            st, metrics = step(st, gather(data, chunk[j]))
+            return st, metrics, j + 1
+
+        chunk, j = self._chunk(call)
+        compiled = jax.jit(fused, donate_argnums=0).lower(state, chunk, j, data).compile()
+        box = {"next": None, "chunk": None, "j": None}
+
+        def step_fn(st, call: int):
+            if call != box["next"]:  # a new block of calls (or a jump): send its row numbers
+                box["chunk"], box["j"] = self._chunk(call)
+            st, metrics, box["j"] = compiled(st, box["chunk"], box["j"], data)
+            box["next"] = call + 1 if (call + 1 - self._chunk_start) < self._chunk_calls else None
+            return st, metrics
+
+        return step_fn, first
+
+    def _chunk(self, call: int) -> tuple[jax.Array, jax.Array]:
+        """Row numbers of calls ``call .. call+M-1`` on the devices, ``[M, *layout]``, and a zero
+        counter; ``M`` keeps the block under `CHUNK_INDICES` numbers."""
+        m = max(1, min(CHUNK_CALLS, CHUNK_INDICES // self._positions.size))
+        rows = np.stack([self.indices(c) for c in range(call, call + m)])
+        sharding = self._index_sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.P(None, *sharding.spec))
+            counter = jax.sharding.NamedSharding(sharding.mesh, jax.P())
+        else:
+            counter = sharding
+        self._chunk_start, self._chunk_calls = call, m
+        return jax.device_put(rows, sharding), jax.device_put(np.int32(0), counter)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._next = None
 
     # ---------------------------------------------------------------------------------- from the host
 
     def host_batch(self, call: int):
-        """The call's batches gathered on the host and placed by the strategy (today's way)."""
+        """The call's batches gathered on the host and placed by the strategy."""
         return self.strategy.shard_batch(self.batches.stack(call * self.k, self.k, self.rows))
 
     def _from_host(self, call: int):
@@ -82,10 +151,10 @@ class Feed:
 
     # ---------------------------------------------------------------------------------- on the device
 
-    def _setup_device(self, call: int):
+    def _setup_device(self, call: int) -> None:
         """Learn the strategy's batch layout from one host batch: where each of the ``K x B`` rows of a
         call lands (row numbers sent through ``shard_batch`` in place of the labels), and the shardings
-        of ``x`` and ``y``; then copy the training set to the devices and compile the gather."""
+        of ``x`` and ``y``; then copy the training set to the devices."""
         strategy, k = self.strategy, self.k
         host = self.batches.stack(call * k, k, self.rows)
         first = strategy.shard_batch(host)
@@ -101,24 +170,21 @@ class Feed:
         else:
             everywhere = jax.sharding.SingleDeviceSharding(strategy.devices[0])
         self._data = jax.device_put((self.batches.x, self.batches.y), everywhere)
-        self._take = jax.jit(lambda data, idx: {"x": data[0][idx], "y": data[1][idx]}, out_shardings=out)
-        return first
+
+        def gather(data, idx):
+            batch = {"x": data[0][idx], "y": data[1][idx]}
+            return jax.lax.with_sharding_constraint(batch, out)
+
+        self._gather = gather
 
     def indices(self, call: int) -> np.ndarray:
         """The training-set rows of the call's batches, in the strategy's batch layout."""
-        idx = np.stack(
-            [self.batches.indices(s)[self.rows] for s in range(call * self.k, (call + 1) * self.k)]
-        )
+        steps = range(call * self.k, (call + 1) * self.k)
+        idx = np.stack([self.batches.indices(s)[self.rows] for s in steps])
         return idx.reshape(-1)[self._positions].astype(np.int32)
 
-    def _on_device(self, call: int):
-        if self._take is None:
-            return self._setup_device(call)
-        idx = jax.device_put(self.indices(call), self._index_sharding)
-        return self._take(self._data, idx)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            self._next = None
+    def rows_on_device(self, call: int) -> jax.Array:
+        """The call's row numbers, on the devices in the layout of the strategy's batches."""
+        if self._gather is None:
+            self._setup_device(call)
+        return jax.device_put(self.indices(call), self._index_sharding)

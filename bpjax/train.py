@@ -228,9 +228,8 @@ class _Loop:
             self.progress.note(f"bpjax: {note}")
         devices = describe_devices(strategy.devices)
         self.progress.note(f"bpjax: {devices}; {strategy.name} over {mesh}; batches {where}")
-        self.first_batch = self.feed(s // self.k)
         compile_start = time.perf_counter()
-        step_fn = strategy.step.lower(state, self.first_batch).compile()
+        step_fn, self.first_batch = self.feed.compile(strategy.step, state, s // self.k)
         self.compile_seconds = time.perf_counter() - compile_start
         self.progress.advance(s)
         self.chunk_start = time.perf_counter()  # since the last sync
