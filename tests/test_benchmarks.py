@@ -21,7 +21,7 @@ def test_accelerator_benchmark_quick(root, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(out.splitlines()[-1])
     rows = result["rows"]
     sections = {r["section"].split()[0] for r in rows}
-    assert sections == {"wide", "small", "overhead,", "scaling"}, sections
+    assert sections == {"wide", "small", "input", "overhead,", "scaling"}, sections
     assert {r["contender"] for r in rows if r["section"].startswith("scaling")} == {
         "bpjax dp (8 devices)",
         "bpjax fsdp (8 devices)",
