@@ -13,7 +13,8 @@ bit (``train.device_data``):
 
 ``auto`` puts the data on the devices when the training set takes at most a quarter of a device's
 memory (on simulated CPU devices, of the host memory available per device) and the run is one
-process (across processes each process holds only its own rows of each batch).
+process (across processes each process holds only its own rows of each batch). A strategy whose
+step is driven from the host (its ``shard_batch`` keeps numpy arrays) always takes host batches.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class Feed:
         self.on_device = jax.process_count() == 1 and (
             mode == "on" or (mode == "auto" and fits_on_device(strategy, nbytes))
         )
+        if self.on_device:
+            # A strategy whose step runs on the host (its batches stay numpy arrays) has no compiled
+            # program to gather in: its batches come from the host.
+            probe = strategy.shard_batch(batches.stack(0, 1, rows))
+            self.on_device = all(isinstance(a, jax.Array) for a in jax.tree.leaves(probe))
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next: tuple[int, concurrent.futures.Future] | None = None
         self._gather: Callable | None = None

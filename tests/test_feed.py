@@ -112,3 +112,14 @@ def test_runs_are_identical_with_data_on_the_device(name, monkeypatch):
     assert [r["train_loss"] for r in on.history] == [r["train_loss"] for r in off.history]
     for a, e in zip(jax.tree.leaves(on.state), jax.tree.leaves(off.state), strict=True):
         assert np.array_equal(a, e)
+
+
+def test_a_host_driven_step_takes_host_batches(dataset):
+    # A strategy whose shard_batch keeps numpy arrays runs its step from the host: nothing to fuse into.
+    on, _ = feeds(dataset, "single", {}, {})
+    host_driven = on.strategy._replace(shard_batch=lambda batch: jax.tree.map(np.asarray, batch))
+    feed = Feed(on.batches, host_driven, 1, slice(None), "on")
+    assert on.on_device and not feed.on_device
+    assert isinstance(feed(0)["x"], np.ndarray)
+    feed.close()
+    on.close()
