@@ -1,10 +1,14 @@
 """Checkpoints with orbax-checkpoint: saved in the background, the last K kept, resumed bit-identically,
 restored under another strategy.
 
-A checkpoint is a folder ``WORKDIR/checkpoints/STEP/`` with two items:
+A checkpoint is a folder ``WORKDIR/checkpoints/STEP/`` with two or three items:
   state   the strategy's state as `Strategy.checkpointing` says: for the strategies whose definition
           says ``portable_checkpoints``, a TrainState in the reference structure, whose arrays orbax
           writes shard by shard from every process and reads back into any other layout (resharding);
+  extras  the rest of the state of a strategy with state of its own (async's parameter history, the
+          parameter server's cache, the workers' copies of local SGD and DiLoCo): restored under the
+          same strategy, mesh and shapes; otherwise the strategy builds it from the TrainState by its
+          documented rule (`Checkpointing.fresh`), and a resume says so in one warning line;
   meta    JSON: the step, the strategy and its mesh, and the config sections that must match to resume.
 
 Nothing else is needed to resume bit-identically: the data order and every random draw are pure
@@ -75,12 +79,14 @@ def _ignore_closed_loop_callbacks() -> None:
 
 class Found(NamedTuple):
     """A checkpoint a resume starts from: its step, the restored state, the train loop's host-side
-    state saved with it, and the newer checkpoints that could not be read, with why."""
+    state saved with it, the newer checkpoints that could not be read, with why, and (empty when the
+    checkpoint held all of it) how the strategy's extras were built instead of restored."""
 
     step: int
     state: Any
     loop: dict
     skipped: list[tuple[int, str]]
+    fresh: str = ""
 
 
 class Unreadable(Exception):
@@ -116,6 +122,7 @@ class Checkpointer:
             "num_devices": strategy.num_devices,
             "config": {key: _to_json(_get(_resolved(config), key)) for key in MUST_MATCH},
             "shapes": _signature(self.codec.target()),
+            "extras": _signature(self.codec.extras()) if self.codec.extras else [],
         }
 
     def meta(self, step: int) -> dict[str, Any]:
@@ -126,12 +133,12 @@ class Checkpointer:
 
         ``loop``: the train loop's host-side state at that step (JSON), given back on resume.
         """
+        items = {"state": ocp.args.StandardSave(self.codec.save(state))}
+        if self.codec.extras:
+            items["extras"] = ocp.args.StandardSave(self.codec.save_extras(state))
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self.codec.save(state)),
-                meta=ocp.args.JsonSave({**self.meta(step), "loop": loop or {}}),
-            ),
+            args=ocp.args.Composite(**items, meta=ocp.args.JsonSave({**self.meta(step), "loop": loop or {}})),
             force=True,
         )
         faults.during_save(step)
@@ -177,12 +184,18 @@ class Checkpointer:
                 f"or train the portable strategies "
                 f"({strategies.names(lambda d: d.portable_checkpoints)})"
             )
+        if self.codec.extras and meta["strategy"] == ours["strategy"] and not meta.get("extras"):
+            # This strategy always saves its own state beside the TrainState; a checkpoint of it without.
+            raise UserError(
+                f"checkpoint {where} holds no {meta['strategy']} state beside its TrainState: it was written in "
+                f"another format (e.g. by a bpjax from before {meta['strategy']}'s checkpoints were portable); "
+                "resume with the bpjax that wrote it, or start a new --workdir"
+            )
         for theirs, mine in zip(meta["shapes"], ours["shapes"], strict=False):
             if theirs != mine:
                 raise UserError(
                     f"checkpoint {where} holds state{theirs[0]} of shape {theirs[1]} {theirs[2]}, this run "
-                    f"needs {mine[1]} {mine[2]}; resume with the parallel settings that saved it "
-                    f"(e.g. parallel.staleness, stages), or start a new --workdir"
+                    f"needs {mine[1]} {mine[2]}; resume with the settings that saved it, or start a new --workdir"
                 )
         if len(meta["shapes"]) != len(ours["shapes"]):
             raise UserError(
@@ -191,23 +204,46 @@ class Checkpointer:
             )
         return meta
 
+    def fresh(self, meta: dict[str, Any]) -> str:
+        """Empty when checkpoint ``meta`` holds this run's extras (same strategy, mesh and shapes);
+        otherwise one line saying what they start as (`Checkpointing.fresh`)."""
+        ours = self._meta
+        if not self.codec.extras:
+            return ""
+        same = (meta["strategy"], meta["mesh"], meta.get("extras")) == (
+            ours["strategy"],
+            ours["mesh"],
+            ours["extras"],
+        )
+        if same:
+            return ""
+        mesh = ",".join(f"{a}={n}" for a, n in meta["mesh"].items())
+        held = "other settings" if meta["strategy"] == ours["strategy"] else "its TrainState only"
+        return (
+            f"checkpoint step {meta['step']} holds {meta['strategy']} state (mesh {mesh}, {held}): "
+            f"{ours['strategy']} resumes from its TrainState, and {self.codec.fresh}"
+        )
+
     def restore(self, step: int):
         """The state saved at ``step``, laid out for this run's strategy (resharded as needed).
 
         Raises `UserError` for a checkpoint of another run or layout, `Unreadable` for damaged files.
         """
-        self.check(step)
-        return self._restore_checked(step)
+        return self._restore_checked(step, self.check(step))
 
-    def _restore_checked(self, step: int):
-        """`restore` of a checkpoint whose metadata `check` has already accepted."""
+    def _restore_checked(self, step: int, meta: dict[str, Any]):
+        """`restore` of a checkpoint whose metadata `check` has already accepted (and returned)."""
+        items = {"state": ocp.args.StandardRestore(self.codec.target())}
+        with_extras = self.codec.extras is not None and not self.fresh(meta)
+        if with_extras:
+            items["extras"] = ocp.args.StandardRestore(self.codec.extras())
         try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(self.codec.target()))
-            )
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001  (tensorstore and orbax raise many kinds for damaged files)
             raise Unreadable(_reason(e)) from None
-        return self.codec.load(restored["state"])
+        if self.codec.extras is None:
+            return self.codec.load(restored["state"])
+        return self.codec.load(restored["state"], restored["extras"] if with_extras else None)
 
     def newest_readable(self, restore: bool = True) -> Found:
         """The newest checkpoint that can be read (and restored, with ``restore``; otherwise its
@@ -217,14 +253,14 @@ class Checkpointer:
             try:
                 with quiet_stderr():
                     meta = self.check(step)
-                    state = self._restore_checked(step) if restore else None
+                    state = self._restore_checked(step, meta) if restore else None
             except Unreadable as e:
                 skipped.append((step, str(e)))
                 self.failed = True
                 # asyncio logs the same failure again for each array's unfinished read.
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 continue
-            return Found(step, state, meta.get("loop", {}), skipped)
+            return Found(step, state, meta.get("loop", {}), skipped, self.fresh(meta))
         if not skipped:
             raise UserError(f"--resume: {self.directory} holds no complete checkpoint; run without --resume")
         step, why = skipped[0]

@@ -319,6 +319,19 @@ def set_value(c: mlc.ConfigDict, dotted: str, value: Any) -> None:
             node = node[part]
     key = parts[-1]
     old = node[key]
+    if dotted in _dict_keys():
+        if hasattr(value, "to_dict"):
+            value = value.to_dict()
+        if not isinstance(value, dict):
+            raise UserError(f"{dotted} must be a dict like {{3: 4.0}}, got {value!r}")
+        # JSON (config.json) writes whole-number keys as strings: read them back as numbers.
+        value = {
+            int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k: v
+            for k, v in value.items()
+        }
+        with node.unlocked():
+            node[key] = value
+        return
     if isinstance(old, mlc.ConfigDict):
         raise UserError(
             f"{dotted!r} is a section; set one of its keys, e.g. {dotted}.{next(iter(old.keys()))}"
@@ -537,10 +550,17 @@ def merge_into_default(c: mlc.ConfigDict, source: str = "config") -> mlc.ConfigD
     return base
 
 
+def _dict_keys() -> set[str]:
+    """The keys whose values are whole dicts (e.g. ``parallel.stragglers``), set and checked whole."""
+    return {key for key, s in schema().items() if s.item == "dict"}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and not (prefix + k == "parallel.mesh"):
+        if isinstance(v, dict) and prefix + k in _dict_keys():
+            out[prefix + k] = v
+        elif isinstance(v, dict) and not (prefix + k == "parallel.mesh"):
             out.update(_flatten(v, prefix + k + "."))
         elif isinstance(v, dict):
             for axis, size in v.items():

@@ -183,8 +183,15 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None = None) -> int:
-    """Run ``python -m bpjax ARGS`` as ``processes`` processes on loopback and supervise them.
+def launch(
+    args: Sequence[str],
+    processes: int,
+    grace_s: float,
+    env: dict | None = None,
+    program: Sequence[str] = (sys.executable, "-m", "bpjax"),
+) -> int:
+    """Run ``python -m bpjax ARGS`` (``program`` + ARGS) as ``processes`` processes on loopback and
+    supervise them.
 
     Returns 0 when every process succeeds. When one fails, the others get ``grace_s`` seconds to notice
     (through the heartbeat) and exit on their own, then are killed; one line per failed process says
@@ -199,9 +206,7 @@ def launch(args: Sequence[str], processes: int, grace_s: float, env: dict | None
             JAX_NUM_PROCESSES=str(processes),
             JAX_PROCESS_ID=str(rank),
         )
-        procs.append(
-            subprocess.Popen([sys.executable, "-m", "bpjax", *args], env=child_env, start_new_session=True)
-        )
+        procs.append(subprocess.Popen([*program, *args], env=child_env, start_new_session=True))
     print(
         f"bpjax launch: {processes} processes, coordinator 127.0.0.1:{port}, pids "
         + " ".join(str(p.pid) for p in procs),

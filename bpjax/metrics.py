@@ -43,15 +43,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Collects logged rows in memory and, with a workdir, appends them to ``metrics.jsonl``."""
+    """Collects logged rows in memory and, with a workdir, appends them to ``metrics.jsonl`` (or to
+    ``name``; ``keep=False`` keeps no rows in memory, for long per-step records)."""
 
-    def __init__(self, workdir: Path | None, append: bool = False):
+    def __init__(self, workdir: Path | None, append: bool = False, name: str = "metrics.jsonl", keep=True):
         self.rows: list[dict] = []
-        self._file = open(workdir / "metrics.jsonl", "a" if append else "w") if workdir else None  # noqa: SIM115
+        self.keep = keep
+        self._file = open(workdir / name, "a" if append else "w") if workdir else None  # noqa: SIM115
+        self.empty = self._file is None or self._file.tell() == 0
 
     def write(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
-        self.rows.append(row)
+        if self.keep:
+            self.rows.append(row)
         if self._file:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()

@@ -138,7 +138,11 @@ def _spec_text(sharding, devices: tuple[jax.Device, ...]) -> str:
 def _batch_bytes(setup: Setup) -> int:
     """Bytes of one step's batch on one device, as the strategy lays it out (one small batch placed)."""
     placed = setup.strategy.shard_batch(setup.batches.stack(0, 1))
-    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed))
+    # A host array (a threads run's batch, which one worker takes whole) counts in full.
+    return sum(
+        x.addressable_shards[0].data.nbytes if isinstance(x, jax.Array) else x.nbytes
+        for x in jax.tree.leaves(placed)
+    )
 
 
 def _with_placement(problem, params, tree):

@@ -203,17 +203,19 @@ def check_output(
     files are damaged is found before the workdir is touched: the newest readable one is used instead,
     with a warning line, and none readable is one error line.
     """
-    out = workdir_lib.check(workdir, overwrite, resume)
+    out = workdir_lib.check(workdir, overwrite, resume, probe_lock=distributed.is_leader())
     if not resume:
         return Output(out)
     config = setup.config
     ckpt = Checkpointer(out / CHECKPOINTS, config, setup.strategy, create=False)
     try:
-        step, state, loop, damaged = ckpt.newest_readable(restore=restore)
+        step, state, loop, damaged, fresh = ckpt.newest_readable(restore=restore)
     finally:
         ckpt.close()
     for bad, why in damaged:
         warn(f"checkpoint {out / CHECKPOINTS / str(bad)} cannot be read ({why}); resuming from step {step}")
+    if fresh:
+        warn(fresh)
     if step >= config.train.steps:
         raise UserError(
             f"--resume: the run in {out} is complete at step {step}; raise train.steps to train further"

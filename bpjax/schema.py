@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from bpjax.errors import UserError
@@ -35,6 +36,8 @@ class Setting:
     def kind(self) -> str:
         if self.choices:
             return "choice"
+        if self.item == "dict":
+            return "dict of whole number -> number"
         if isinstance(self.default, tuple):
             return f"tuple of {self.item or 'values'}"
         return type(self.default).__name__
@@ -59,6 +62,18 @@ class Setting:
                 match = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1, cutoff=0.5)
                 hint = f"did you mean {match[0]!r}?" if match else f"choose {self.range_text()}"
                 raise UserError(f"{key}={value!r} is not known; {hint}")
+            return
+        if self.item == "dict":
+            value = value.to_dict() if hasattr(value, "to_dict") else value  # a ConfigDict section
+            if not isinstance(value, Mapping):
+                raise UserError(f"{key}={value!r} must be a dict like {{3: 4.0}}{self._note()}")
+            for k, v in value.items():
+                if not isinstance(k, int) or isinstance(k, bool):
+                    raise UserError(f"{key}: key {k!r} must be a whole number{self._note()}")
+                if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+                    raise UserError(f"{key}[{k}]={v!r} must be a finite number{self._note()}")
+                if not self._in_range(v):
+                    raise UserError(f"{key}[{k}]={v!r} must be {self.range_text()}{self._note()}")
             return
         values = value if isinstance(value, tuple) else (value,)
         for i, v in enumerate(values):
@@ -116,3 +131,9 @@ def Ints(default: tuple[int, ...], help: str, *, min=None, note: str = "") -> Se
 def Names(default: tuple[str, ...], help: str, *, note: str = "") -> Setting:  # noqa: N802
     """A tuple of names (e.g. layers)."""
     return Setting(tuple(default), help, note=note, item="str")
+
+
+def Dict(default: dict, help: str, *, min=None, note: str = "") -> Setting:  # noqa: N802
+    """A dict of whole number -> number (e.g. worker -> slowdown), each number at least ``min``. Set
+    whole, in an experiment file or with ``--set KEY="{3: 4.0}"``."""
+    return Setting(dict(default), help, min=min, note=note, item="dict")

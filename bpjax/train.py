@@ -36,7 +36,7 @@ from bpjax.metrics import MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
 from bpjax.preflight import Output, Setup, check_output, prepare
 from bpjax.step import Problem, TrainState
-from bpjax.strategies.base import to_host
+from bpjax.strategies.base import events_header, to_host
 from bpjax.workdir import RunDir, describe_os_error
 
 EVAL_CHUNK = 8192  # test examples per evaluation call: bounds memory for large synthetic test sets
@@ -58,14 +58,17 @@ class RunResult:
         return np.array([r["step"] for r in rows]), np.array([r[key] for r in rows], dtype=float)
 
 
-def _cut_log(workdir: Path, resume_step: int) -> None:
-    """A resumed run's log continues from its checkpoint: later rows (to be trained again) go."""
+def _cut_log(workdir: Path, resume_step: int, events: str | None) -> None:
+    """A resumed run's logs continue from its checkpoint: later rows (to be trained again) go; rows
+    without a step (an events file's header) stay."""
     (workdir / "summary.json").unlink(missing_ok=True)
-    log = workdir / "metrics.jsonl"
-    rows = read_jsonl(log) if log.exists() else []
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resume_step))
-    os.replace(tmp, log)
+    for log in (workdir / "metrics.jsonl", workdir / events if events else None):
+        if log is None or not log.exists():
+            continue
+        rows = read_jsonl(log)
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
+        os.replace(tmp, log)
 
 
 def make_evaluator(problem: Problem, ds: data_lib.Dataset):
@@ -161,7 +164,7 @@ def _open_run(setup: Setup, output: Output, overwrite: bool) -> RunDir | None:
             if output.damaged:
                 run_dir.set_aside_damaged([step for step, _ in output.damaged])
             if output.state is not None:
-                _cut_log(out, output.start)
+                _cut_log(out, output.start, setup.strategy.events)
             write_json(out / "config.json", setup.config.to_dict())
         except OSError as e:
             run_dir.roll_back()
@@ -189,6 +192,11 @@ class _Loop:
         self.ckpt = Checkpointer(out / CHECKPOINTS, config, strategy) if out and (every or resume) else None
         self.every = every
         self.log = MetricsLog(out if self.leader else None, append=resume)
+        self.events = None  # a strategy's per-step records (a threads run's trace), when it has them
+        if strategy.events and out and self.leader:
+            self.events = MetricsLog(out, append=resume, name=strategy.events, keep=False)
+            if self.events.empty:
+                self.events.write(events_header(config, strategy))
         self.evaluate = make_evaluator(setup.problem, setup.dataset)
         self.rows = strategy.batch_rows(t.batch_size)
         self.feed = Feed(setup.batches, strategy, self.k, self.rows, t.device_data)
@@ -243,6 +251,11 @@ class _Loop:
     def dispatched(self, call: int, metrics) -> int:
         """Note a call in flight; returns the steps done once it completes."""
         done = (call + 1) * self.k
+        events = metrics.pop("events", None)
+        if self.events is not None and events:
+            with self._writing(self.out / self.setup.strategy.events):
+                for row in events:
+                    self.events.write(row)
         self.window_steps += self.k
         self.pending.append(metrics)
         self.progress.advance(self.k)
@@ -443,6 +456,8 @@ class _Loop:
             with contextlib.suppress(Exception) if self.failing else contextlib.nullcontext():
                 with self._writing(self.out / "metrics.jsonl" if self.out else Path("metrics.jsonl")):
                     self.log.close()
+                    if self.events is not None:
+                        self.events.close()
                 if self.ckpt is not None:
                     # The last checkpoint is complete on disk before the run returns or raises (a
                     # failed write was reported already: then only shut down).

@@ -61,8 +61,13 @@ def _writable(path: Path, workdir: Path) -> None:
     raise UserError(f"--workdir {workdir}: {path} {why}; choose another --workdir")
 
 
-def check(workdir: str | Path | None, overwrite: bool, resume: bool) -> Path | None:
-    """Read-only checks of the output folder; returns it as a Path (None: the run writes nothing)."""
+def check(workdir: str | Path | None, overwrite: bool, resume: bool, probe_lock: bool = True) -> Path | None:
+    """Read-only checks of the output folder; returns it as a Path (None: the run writes nothing).
+
+    ``probe_lock``: whether to check that no other run holds the folder's lock. Probing takes the lock
+    for an instant, so two processes of one run probing at once would each see the other's probe as a
+    run in use: in a multi-process run only process 0 probes (and it alone takes the lock).
+    """
     if workdir is None:
         if resume:
             raise UserError("--resume needs the --workdir of the run to continue")
@@ -78,7 +83,7 @@ def check(workdir: str | Path | None, overwrite: bool, resume: bool) -> Path | N
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is a file; give a folder")
     _writable(existing, workdir)
-    if workdir.exists() and in_use(workdir):
+    if probe_lock and workdir.exists() and in_use(workdir):
         raise UserError(
             f"--workdir {workdir} is in use by another bpjax run; wait for it to finish, or choose another --workdir"
         )

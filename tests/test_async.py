@@ -85,7 +85,9 @@ def test_random_staleness_runs_are_bit_identical():
     assert_trees_close(runs[0], runs[1], rtol=0, atol=0, what="two async runs")
 
 
-def test_negative_staleness_is_refused():
+def test_unbounded_staleness_is_refused_in_the_simulation():
     c, problem, _ = linear_setup(staleness=-1)
-    with pytest.raises(UserError, match="parallel.staleness=-1 must be >= 0"):
+    with pytest.raises(
+        UserError, match=r"parallel.staleness=-1 \(unbounded\) needs parallel.execution=threads"
+    ):
         strategies.make("async", problem, c.parallel)

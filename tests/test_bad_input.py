@@ -20,8 +20,8 @@ import pytest
 from bpjax.cli import main
 
 EXP = "experiments/mnist1d_dp.py"
-# Finished runs with checkpoints, copied into every case's folder as ``old/`` and ``old_async/``: the
-# resume cases resume them; for the others they are earlier work that must survive untouched.
+# A finished run with checkpoints, copied into every case's folder as ``old/``: the
+# resume cases resume it; for the others it is earlier work that must survive untouched.
 OLD_RUN = [
     "model.hidden=(32,)",
     "train.steps=8",
@@ -104,6 +104,11 @@ def files(tmp_path):
         (tmp_path / "locked.csv").write_text("1,2,0\n3,4,1\n")
         (tmp_path / "locked.csv").chmod(0)
     # Experiment files that are not experiments.
+    header = '{"bpjax_events": 1, "strategy": "async", "workers": 8, "config": {"seed": 99}}\n'
+    update = '{"step": 1, "worker": 0, "batch": 0, "read": 0}\n'
+    (tmp_path / "trace.jsonl").write_text(header + update)
+    (tmp_path / "rows.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "damaged.jsonl").write_text(header + update + update)
     (tmp_path / "nofn.py").write_text("x = 1\n")
     (tmp_path / "study.py").write_text("def get_configs():\n    return {}\n")
     (tmp_path / "raises.py").write_text("def get_config():\n    raise RuntimeError('no GPU here')\n")
@@ -287,8 +292,8 @@ CASES = {
     # Every strategy's settings.
     "partition unknown": (sets("parallel.partition=rows"), "choose one of sample, feature, hybrid"),
     "staleness negative": (
-        sets("parallel.staleness=-1"),
-        "parallel.staleness=-1 must be >= 0 (0 is synchronous dp)",
+        sets("parallel.staleness=-3"),
+        "parallel.staleness=-3 must be >= -1 (0 is synchronous; -1 (unbounded) needs threads execution)",
     ),
     "n_push 0": (sets("parallel.n_push=0"), "parallel.n_push=0 must be >= 1"),
     "n_fetch 0": (sets("parallel.n_fetch=0"), "parallel.n_fetch=0 must be >= 1"),
@@ -648,19 +653,6 @@ CASES = {
     "no checkpoints": (["--workdir", "{tmp}", "--resume"], "holds no checkpoints; run without --resume"),
     "resume and overwrite": (["--workdir", "{tmp}/old", "--resume", "--overwrite"], "pass one of them"),
     "resume without workdir": (["--resume"], "--resume needs the --workdir of the run to continue"),
-    "staleness of a checkpoint": (
-        [
-            "--workdir",
-            "{tmp}/old_async",
-            "--resume",
-            *sets(*OLD_RUN, "train.steps=16", *ASYNC, "parallel.staleness=1"),
-        ],
-        "holds state.history['layer_0']['bias'] of shape [3, 32] float32, this run needs [2, 32] float32",
-    ),
-    "strategy with own state": (
-        resume("parallel.strategy=async"),
-        "async keeps state of its own and resumes only from its own checkpoints",
-    ),
     # ------------------------------------------------------------------------------------- processes
     "processes vs devices": (
         "launch --processes 3 EXP",
@@ -668,8 +660,9 @@ CASES = {
     ),
     "no processes": ("launch --processes 0 EXP", "--processes 0 must be >= 1"),
     "one-process strategy": (
-        "launch --processes 2 EXP --set parallel.strategy=async",
-        "async runs in one process only; across processes use pmap, dp (partition=sample), fsdp",
+        "launch --processes 2 EXP --set parallel.strategy=single",
+        "single runs in one process only; across processes use pmap, dp, fsdp, tensor, hybrid, pipeline, "
+        "local_sgd, async",
     ),
     "half a cluster env": (
         "env JAX_COORDINATOR_ADDRESS=127.0.0.1:1",
@@ -708,6 +701,78 @@ CASES = {
         "pipeline needs about",
     ),
 }
+THREADS = ("parallel.strategy=async", "parallel.execution=threads")
+TRACE = "parallel.replay={tmp}/"
+CASES.update(
+    {
+        # ------------------------------------------------ real asynchrony: threads, stragglers, replay
+        "stragglers in the simulation": (
+            sets("parallel.strategy=async", "parallel.stragglers={3: 4.0}"),
+            "parallel.stragglers needs parallel.execution=threads",
+        ),
+        "straggler out of range": (
+            sets(*THREADS, "parallel.stragglers={9: 2.0}"),
+            "parallel.stragglers names worker 9, but there are 8 workers (0 to 7)",
+        ),
+        "straggler faster": (
+            sets(*THREADS, "parallel.stragglers={1: 0.5}"),
+            "parallel.stragglers[1]=0.5 must be >= 1",
+        ),
+        "stragglers not a dict": (sets(*THREADS, "parallel.stragglers=4"), "must be a dict like {3: 4.0}"),
+        "straggler named": (
+            sets(*THREADS, "parallel.stragglers={'w3': 2.0}"),
+            "key 'w3' must be a whole number",
+        ),
+        "straggler infinite": (
+            sets(*THREADS, "parallel.stragglers={1: 1e999}"),
+            "parallel.stragglers[1]=inf must be a finite number",
+        ),
+        "unbounded simulation": (
+            sets("parallel.strategy=async", "parallel.staleness=-1"),
+            "parallel.staleness=-1 (unbounded) needs parallel.execution=threads",
+        ),
+        "random staleness in threads": (
+            sets(*THREADS, "parallel.random_staleness=True"),
+            "parallel.random_staleness has no meaning here (in threads execution the delays are real)",
+        ),
+        "param_server push in threads": (
+            sets("parallel.strategy=param_server", "parallel.execution=threads", "parallel.n_push=2"),
+            "parallel.n_push=2: in threads execution every push is one update of one batch",
+        ),
+        "param_server staleness simulated": (
+            sets("parallel.strategy=param_server", "parallel.staleness=2"),
+            "bounds param_server's workers in threads execution",
+        ),
+        "replay in threads": (
+            sets(*THREADS, TRACE + "trace.jsonl"),
+            "parallel.replay applies a recorded trace in the simulation; set parallel.execution=simulated",
+        ),
+        "replay missing": (
+            sets("parallel.strategy=async", TRACE + "no_trace.jsonl"),
+            "no such file; give the staleness.jsonl of a threads run",
+        ),
+        "replay not json": (
+            sets("parallel.strategy=async", TRACE + "good.csv"),
+            "not a trace of JSON lines",
+        ),
+        "replay not a trace": (
+            sets("parallel.strategy=param_server", TRACE + "rows.jsonl"),
+            "not a bpjax trace (no header line)",
+        ),
+        "replay damaged": (
+            sets("parallel.strategy=async", TRACE + "damaged.jsonl"),
+            "line 3 is not update 2 of a trace",
+        ),
+        "replay of another config": (
+            sets("parallel.strategy=async", TRACE + "trace.jsonl"),
+            "the trace was recorded with seed=99, this run has 0",
+        ),
+        "replay a folder": (
+            sets("parallel.strategy=async", "parallel.replay={tmp}/data"),
+            "no such file",
+        ),
+    }
+)
 if os.geteuid() != 0:  # root reads any file, so a file without read permission is no error for root
     CASES["data file unreadable"] = (csv("locked.csv"), "cannot be read (permission denied)")
 
@@ -717,9 +782,6 @@ def old_run(tmp_path_factory, request):
     root = request.config.rootpath
     folder = tmp_path_factory.mktemp("old")
     assert main(["run", str(root / EXP), "--workdir", str(folder / "old"), *sets(*OLD_RUN)]) == 0
-    assert (
-        main(["run", str(root / EXP), "--workdir", str(folder / "old_async"), *sets(*OLD_RUN, *ASYNC)]) == 0
-    )
     return folder
 
 

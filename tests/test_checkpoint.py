@@ -1,8 +1,10 @@
 """Checkpoints: bit-identical resume after SIGKILL, a crash mid-save, resharding across strategies,
-and NaN/Inf losses."""
+the simulated schemes' state of their own (restored, or started from a TrainState by their rules), and
+NaN/Inf losses."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,11 +17,12 @@ import numpy as np
 import pytest
 
 from bpjax import config as cfg_lib
+from bpjax import strategies
 from bpjax.checkpoint import Checkpointer, restore_latest
 from bpjax.errors import TrainingStopped, UserError
 from bpjax.metrics import read_jsonl
 from bpjax.preflight import prepare
-from bpjax.strategies.base import to_host
+from bpjax.strategies.base import jit_checkpointing, to_host
 from bpjax.train import run
 
 EXPERIMENT = "experiments/mnist1d_dp.py"
@@ -114,6 +117,11 @@ LAYOUTS = {
     "tensor": ["parallel.strategy=tensor", "parallel.mesh.model=8"],
     "hybrid": ["parallel.strategy=hybrid", "parallel.mesh.data=2", "parallel.mesh.model=4"],
     "pipeline": ["parallel.strategy=pipeline", "parallel.mesh.stage=3", "parallel.microbatches=4"],
+    # State of their own beside the TrainState (3 steps leave it different from the TrainState's rule):
+    # restored under themselves, built by their rule under the others.
+    "async": ["parallel.strategy=async", "parallel.staleness=2"],
+    "param_server": ["parallel.strategy=param_server", "parallel.mesh.data=4", "parallel.n_push=2"],
+    "diloco": ["parallel.strategy=diloco", "parallel.local_steps=2"],
 }
 
 
@@ -143,31 +151,80 @@ def saved(tmp_path_factory, targets):
         ckpt.save(3, state)
         ckpt.wait()
         ckpt.close()
-        out[name] = (directory, setup.strategy.gather(state))
+        out[name] = (directory, setup.strategy.gather(state), jax.device_get(state))
     return out
 
 
 @pytest.mark.parametrize("target", list(LAYOUTS))
 @pytest.mark.parametrize("source", list(LAYOUTS))
 def test_restore_under_another_strategy(saved, targets, source, target):
-    directory, expected = saved[source]
+    directory, expected, whole = saved[source]
     cfg, setup = targets[target]
     strategy = setup.strategy
     step, state = restore_latest(directory, cfg, strategy)
     assert step == 3
     assert_trees_equal(strategy.gather(state), expected)
+    if source == target:  # all of it, the state of its own included (async's history, the server's cache)
+        assert_trees_equal(jax.device_get(state), whole)
     # The restored state has the target's layout: it trains there.
     state, metrics = strategy.step(state, strategy.shard_batch(setup.batches.stack(3, 1)))
     assert np.isfinite(to_host(metrics)["loss"]).all()
 
 
-def test_strategy_with_state_of_its_own_restores_only_itself(root, saved):
-    directory, _ = saved["tensor"]
+def test_strategy_without_portable_checkpoints_restores_only_itself(root, saved, monkeypatch):
+    # Every registered strategy saves portable checkpoints today; a strategy that did not (declared so
+    # here) would resume only from its own.
+    monkeypatch.setitem(
+        strategies.REGISTRY,
+        "async",
+        dataclasses.replace(strategies.get("async"), portable_checkpoints=False),
+    )
+    directory, _, _ = saved["tensor"]
     cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, "parallel.strategy=async", "parallel.staleness=1"])
     with pytest.raises(
         UserError, match=r"^async keeps state of its own .* holds tensor state: use a new --workdir$"
     ):
         restore_latest(directory, cfg, prepare(cfg).strategy)
+
+
+def test_other_settings_start_the_state_of_its_own_by_the_rule(root, saved):
+    # A staleness-2 history has 3 versions; under staleness 1 (2 versions) it is started afresh.
+    directory, expected, _ = saved["async"]
+    cfg = cfg_lib.load(root / EXPERIMENT, [*BASE, *LAYOUTS["async"], "parallel.staleness=1"])
+    strategy = prepare(cfg).strategy
+    ckpt = Checkpointer(directory, cfg, strategy, create=False)
+    try:
+        found = ckpt.newest_readable()
+    finally:
+        ckpt.close()
+    assert found.fresh == (
+        "checkpoint step 3 holds async state (mesh data=8, other settings): async resumes from its "
+        "TrainState, and the parameter history starts with every slot holding the restored parameters"
+    )
+    state = jax.device_get(found.state)
+    assert_trees_equal(state.train, expected)
+    assert_trees_equal(state.history, jax.tree.map(lambda p: np.stack([p, p]), expected.params))
+
+
+@pytest.mark.parametrize("scheme", ["async", "local_sgd"])
+def test_checkpoint_of_another_format_is_one_line(root, tmp_path, scheme):
+    # The whole state as one tree: how these schemes' checkpoints were written before they were portable
+    # (local_sgd's has the TrainState's paths, with the workers' copies stacked).
+    cfg = config(
+        root, f"parallel.strategy={scheme}", "optimizer.name=momentum", "checkpoint.async_save=False"
+    )
+    strategy = prepare(cfg).strategy
+    old = strategy._replace(checkpointing=jit_checkpointing(strategy.init))
+    ckpt = Checkpointer(tmp_path, cfg, old)
+    ckpt.save(3, strategy.init(jax.random.key(0)))
+    ckpt.wait()
+    ckpt.close()
+    with pytest.raises(
+        UserError,
+        match=rf"holds no {scheme} state beside its TrainState: it was written in another format \(e\.g\. "
+        rf"by a bpjax from before {scheme}'s checkpoints were portable\); resume with the bpjax that wrote it",
+    ):
+        restore_latest(tmp_path, cfg, strategy)
 
 
 def test_async_resumes_bit_identically(root, tmp_path, monkeypatch):
@@ -184,6 +241,87 @@ def test_async_resumes_bit_identically(root, tmp_path, monkeypatch):
     resumed = run(cfg, tmp_path / "run", resume=True)
     assert resumed.summary["resumed_from_step"] == 12
     assert_trees_equal(resumed.state, whole.state)
+
+
+# The schemes with state of their own, each set so that its state is not the TrainState's rule at the
+# checkpoint (a history of 3 versions, accumulated pushes, copies mid-round, outer momentum).
+SCHEMES = {
+    "async": ["parallel.staleness=2", "parallel.random_staleness=True"],
+    "param_server": ["parallel.n_push=3", "parallel.n_fetch=2"],
+    "local_sgd": ["parallel.local_steps=3"],
+    "diloco": ["parallel.local_steps=3", "parallel.fragments=2"],
+}
+CHAIN = [
+    "optimizer.name=momentum",
+    "optimizer.schedule=constant",
+    "checkpoint.every=4",
+    "checkpoint.async_save=False",
+]
+
+
+def steps_from(strategy, batches, state, start: int, stop: int):
+    for s in range(start, stop):
+        state, _ = strategy.step(state, strategy.shard_batch(batches.stack(s, 1)))
+    return state
+
+
+def placed(strategy, reference):
+    """A host TrainState in the reference structure, laid out as ``strategy`` restores one."""
+    return jax.device_put(reference, jax.tree.map(lambda a: a.sharding, strategy.checkpointing.target()))
+
+
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_resume_across_strategies_follows_the_rules(root, tmp_path, capfd, scheme):
+    """dp (steps 0-4) -> the scheme (4-8) -> dp (8-12), each resuming the last one's checkpoint: the
+    scheme starts from dp's TrainState by its rule, saves its own state beside its TrainState, and dp
+    continues from that TrainState; all bit-exactly as predicted step by step here."""
+    dp_cfg = config(root, *CHAIN, "parallel.strategy=dp", "parallel.mesh.data=4")
+    cfg = config(root, *CHAIN, f"parallel.strategy={scheme}", *SCHEMES[scheme])
+    run(cfg_lib.apply_overrides(dp_cfg, ["train.steps=4"]), tmp_path / "run")
+    capfd.readouterr()
+    run(cfg_lib.apply_overrides(cfg, ["train.steps=8"]), tmp_path / "run", resume=True)
+    warning = capfd.readouterr().err
+    final = run(cfg_lib.apply_overrides(dp_cfg, ["train.steps=12"]), tmp_path / "run", resume=True)
+
+    dp_setup, setup = prepare(dp_cfg), prepare(cfg)
+    dp, strategy, batches = dp_setup.strategy, setup.strategy, setup.batches
+    at4 = dp.gather(steps_from(dp, batches, dp.init(jax.random.key(cfg.seed)), 0, 4))
+    # The rule: the scheme's state from a TrainState alone.
+    codec = strategy.checkpointing
+    at8 = steps_from(strategy, batches, codec.load(placed(strategy, at4), None), 4, 8)
+    assert warning == (
+        f"warning: checkpoint step 4 holds dp state (mesh data=4, its TrainState only): {scheme} resumes "
+        f"from its TrainState, and {codec.fresh}\n"
+    )
+    # Its checkpoint holds all of its state: restored under it, bit-exactly.
+    ckpt = Checkpointer(tmp_path / "run/checkpoints", cfg, strategy, create=False)
+    try:
+        assert_trees_equal(jax.device_get(ckpt.restore(8)), jax.device_get(at8))
+    finally:
+        ckpt.close()
+    expected = dp.gather(steps_from(dp, batches, placed(dp, strategy.gather(at8)), 8, 12))
+    assert_trees_equal(final.state, expected)
+
+
+# Settings under which a scheme's own state holds nothing beyond its TrainState after 3 steps: one
+# version; fetched and pushed every step; right after averaging; one worker right after the outer step,
+# without outer momentum.
+WITHOUT_MEMORY = {
+    "async": ["parallel.staleness=0"],
+    "param_server": ["parallel.n_push=1", "parallel.n_fetch=1"],
+    "local_sgd": ["parallel.local_steps=3"],
+    "diloco": ["parallel.mesh.data=1", "parallel.local_steps=3", "parallel.outer_momentum=0"],
+}
+
+
+@pytest.mark.parametrize("scheme", list(WITHOUT_MEMORY))
+def test_rule_rebuilds_a_state_without_memory_exactly(momentum_problem, scheme):
+    """There a resume from any strategy's checkpoint continues exactly as the scheme itself would."""
+    c, problem, batches = momentum_problem
+    strategy = strategies.make(scheme, problem, cfg_lib.apply_overrides(c, WITHOUT_MEMORY[scheme]).parallel)
+    state = steps_from(strategy, batches, strategy.init(jax.random.key(0)), 0, 3)
+    codec = strategy.checkpointing
+    assert_trees_equal(jax.device_get(codec.load(codec.save(state), None)), jax.device_get(state))
 
 
 @pytest.fixture

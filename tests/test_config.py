@@ -85,7 +85,7 @@ def test_bad_overrides_name_the_fix(override, message):
         ("optimizer.b2=1.0", "optimizer.b2=1.0 must be in [0, 1)"),
         ("data.test_fraction=1.0", "data.test_fraction=1.0 must be in (0, 1)"),
         ("seed=-1", "seed=-1 must be in [0, 2147483647]"),
-        ("parallel.staleness=-2", "parallel.staleness=-2 must be >= 0 (0 is synchronous dp)"),
+        ("parallel.staleness=-2", "parallel.staleness=-2 must be >= -1 (0 is synchronous; -1 (unbounded)"),
         (
             "parallel.partition=features",
             "parallel.partition='features' is not known; did you mean 'feature'?",

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from test_checkpoint import BASE, EXPERIMENT, assert_trees_equal, config, without_timing
 
+from bpjax import workdir as workdir_lib
 from bpjax.checkpoint import restore_latest
+from bpjax.errors import UserError
 from bpjax.metrics import read_jsonl
 from bpjax.preflight import prepare
 from bpjax.train import run
@@ -140,6 +142,21 @@ def test_a_workdir_in_use_is_refused_and_a_killed_run_leaves_no_lock(root, tmp_p
     # The kernel released the lock with the process: the run can be resumed at once.
     resumed = run(config(root, *LONG), tmp_path / "run", overwrite=True)
     assert resumed.summary["steps"] == 1200
+
+
+def test_only_one_process_of_a_run_probes_the_workdir_lock(tmp_path):
+    # A probe takes the lock for an instant: the processes of one run probing at once (all of them
+    # resume at the same moment) would take each other's probe for a run in use. Here a probe is
+    # under way while process 1 checks.
+    (tmp_path / "checkpoints").mkdir()
+    probe = workdir_lib._lock(tmp_path)
+    probe.acquire()
+    try:
+        with pytest.raises(UserError, match="is in use by another bpjax run"):
+            workdir_lib.check(tmp_path, overwrite=False, resume=True)
+        assert workdir_lib.check(tmp_path, overwrite=False, resume=True, probe_lock=False) == tmp_path
+    finally:
+        probe.release()
 
 
 def test_a_damaged_checkpoint_falls_back_to_an_intact_one(root, tmp_path, capfd):

@@ -25,23 +25,26 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
-from bpjax.schema import Bool, Int
+from bpjax.errors import UserError
+from bpjax.schema import Bool
 from bpjax.step import Problem, TrainState
+from bpjax.strategies import threaded
 from bpjax.strategies.base import (
     Cost,
     CostInput,
     Definition,
     Example,
     Strategy,
+    broadcast_copies,
     data_allreduce,
     over_data,
     replicated_placement,
 )
 
 AXIS = "data"
+FRESH = "the parameter history starts with every slot holding the restored parameters"
 
 
 class AsyncState(NamedTuple):
@@ -59,16 +62,35 @@ def delays(step: jax.Array, worker: jax.Array, staleness: int, random: bool, see
     return jax.random.randint(key, (), 0, staleness + 1, dtype=jnp.int32)
 
 
-def make(problem: Problem, mesh: dict, *, staleness: int, random_staleness: bool) -> Strategy:
+def make(
+    problem: Problem,
+    mesh: dict,
+    *,
+    staleness: int,
+    random_staleness: bool,
+    execution: str,
+    stragglers: dict,
+    replay: str,
+) -> Strategy:
+    if execution == "threads":
+        return threaded.make_threads(
+            problem, mesh, name="async", staleness=staleness, fetch_every=1, stragglers=stragglers
+        )
+    if replay:
+        return threaded.make_replay(problem, mesh, name="async", path=replay)
+    if staleness < 0:  # also for callers that build it without validating the whole config
+        raise UserError(threaded.UNBOUNDED)
     s, random = staleness, random_staleness
     mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "async"))
     slots = s + 1
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
-    def init(key):
-        state = problem.init(key)
-        history = jax.tree.map(lambda x: jnp.broadcast_to(x, (slots, *x.shape)), state.params)
-        return AsyncState(state, history)
+    def from_train(train: TrainState, history=None) -> AsyncState:
+        # Without a history of its own (a fresh start, another strategy's checkpoint), every slot holds
+        # the current parameters: the next s steps read them, as if they had not changed before.
+        if history is None:
+            history = broadcast_copies(train.params, slots)
+        return AsyncState(train, history)
 
     def worker_grads(step, history, batch):
         w = jax.lax.axis_index(AXIS)
@@ -91,22 +113,25 @@ def make(problem: Problem, mesh: dict, *, staleness: int, random_staleness: bool
         history = jax.tree.map(lambda h, p: h.at[new.step % slots].set(p), state.history, new.params)
         return AsyncState(new, history), {"loss": loss}
 
-    def gather(state: AsyncState) -> TrainState:
-        return jax.tree.map(np.asarray, jax.device_get(state.train))
-
     kind = f"uniform in [0, {s}]" if random and s else f"{s}"
     return over_data(
         "async",
         f"In[B_data, D] · W_(t-tau)[D, F], tau {kind}; W and {slots} version(s) replicated",
         mesh,
-        init=init,
-        state_sharding=replicated,
+        problem,
+        from_train=from_train,
+        state_sharding=AsyncState(replicated, replicated),
         step=step,
-        gather=gather,
+        train_of=lambda state: state.train,
+        train_sharding=replicated,
+        extras_of=lambda state: state.history,
+        fresh=FRESH,
     )
 
 
 def cost(inp: CostInput) -> Cost:
+    if inp.settings.execution == "threads" or inp.settings.replay:
+        return threaded.cost(inp)
     s = inp.settings.staleness
     notes = [
         f"async keeps {s + 1} versions of the parameters on every device (see state as stored); the "
@@ -117,24 +142,29 @@ def cost(inp: CostInput) -> Cost:
 
 DEFINITION = Definition(
     name="async",
-    summary="asynchronous SGD with stale gradients (fixed or random delay), simulated deterministically",
+    summary="asynchronous SGD with stale gradients: simulated deterministically (fixed or random delay), "
+    "or real worker threads with an SSP bound, stragglers and a bit-exact replay",
     layout="In[B_data, D] · W_(t-tau)[D, F]; W and tau+1 versions replicated",
     make=make,
     axes=(AXIS,),
     settings={
-        "staleness": Int(
-            0,
-            "gradient delay tau (or its bound s with random_staleness)",
-            min=0,
-            note="0 is synchronous dp",
-        ),
+        "staleness": threaded.SETTINGS["staleness"],
         "random_staleness": Bool(False, "draw tau per step and worker uniformly from [0, staleness]"),
+        "execution": threaded.SETTINGS["execution"],
+        "stragglers": threaded.SETTINGS["stragglers"],
+        "replay": threaded.SETTINGS["replay"],
     },
+    check=threaded.check,
     cost=cost,
     placement=replicated_placement,
     examples=(
         Example({"data": 8}, {"staleness": 0}),
         Example({"data": 4}, {"staleness": 0}),
         Example({"data": 1}, {"staleness": 0}),
+        # One worker thread: it reads the parameters the last update made, so this is single exactly.
+        Example({"data": 1}, {"execution": "threads"}),
     ),
+    multi_process=threaded.multi_process,
+    multi_process_when=threaded.MULTI_PROCESS_WHEN,
+    portable_checkpoints=True,
 )

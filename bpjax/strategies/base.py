@@ -22,7 +22,12 @@ Contract of a built `Strategy` (checked for every registered strategy by ``tests
                                  shaped like ``Problem.init``'s
   batch_rows(batch_size)      -> the rows of each global batch this process's devices hold (all of them
                                  in a single-process run); ``shard_batch`` then takes just those rows
-  checkpointing               -> how the state goes into a checkpoint and comes back (`Checkpointing`)
+  checkpointing               -> how the state goes into a checkpoint and comes back (`Checkpointing`):
+                                 portable strategies save the reference TrainState, and any state of
+                                 their own beside it
+  events                      -> None, or the name of a file in the workdir for per-step records: the
+                                 step's metrics then carry ``"events"``, a list of JSON-able dicts each
+                                 with a ``"step"``, which the loop writes there (threads runs: the trace)
 After n steps, ``gather(state)`` equals the ``single`` strategy's state to floating-point tolerance.
 
 In a multi-process run (`bpjax.distributed`) every process calls the same functions: ``shard_batch``
@@ -37,6 +42,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -51,13 +57,21 @@ class Checkpointing(NamedTuple):
 
     A strategy whose `Definition` says ``portable_checkpoints`` saves a TrainState in the reference
     structure (``Problem.init``'s), with global arrays in its own layout; any portable strategy restores
-    it into its own layout (orbax reshards on load). Other strategies' states (async's history, the
-    parameter server's cache) restore only under the same strategy and mesh.
+    it into its own layout (orbax reshards on load).
+
+    A strategy with state of its own beyond that TrainState (async's parameter history, the parameter
+    server's cache and accumulators, the workers' copies of local SGD and DiLoCo) saves it beside, as
+    its *extras*. They come back only under the same strategy and mesh, with the same shapes (a resume
+    there is bit-identical); from any other checkpoint ``load(tree, None)`` builds them from the
+    TrainState by the strategy's documented rule (``fresh`` says it in one line).
     """
 
     target: Callable[[], Any]  # the saved tree's abstract shape, with the shardings to restore into
     save: Callable[[Any], Any] = lambda state: state  # state -> saved tree (no copies)
-    load: Callable[[Any], Any] = lambda tree: tree  # restored tree -> state
+    load: Callable[..., Any] = lambda tree, extras=None: tree  # (restored tree, extras or None) -> state
+    extras: Callable[[], Any] | None = None  # the extras' abstract shape and shardings (None: none)
+    save_extras: Callable[[Any], Any] = lambda state: None  # state -> extras tree
+    fresh: str = ""  # what the extras start as without their own checkpoint, e.g. "history = parameters"
 
 
 class Strategy(NamedTuple):
@@ -74,6 +88,7 @@ class Strategy(NamedTuple):
     checkpointing: Checkpointing
     mesh: jax.sharding.Mesh | None = None
     batch_rows: Callable[[int], slice] = lambda batch_size: slice(None)
+    events: str | None = None  # a file of per-step records the loop writes (see the contract above)
 
     @property
     def num_devices(self) -> int:
@@ -196,7 +211,7 @@ class Definition:
     # model's parameters (so it is a fix for a memory budget).
     multi_process: bool | Callable[[Any], bool] = False  # or a function of the ``parallel`` section
     multi_process_when: str = (
-        ""  # the settings that make it multi-process, for messages, e.g. "partition=sample"
+        ""  # the settings that make it multi-process, for messages, e.g. "execution=simulated"
     )
     portable_checkpoints: bool = False
     shards_parameters: bool = False
@@ -216,31 +231,66 @@ class Definition:
 
 # -------------------------------------------------------------------------------- shared machinery
 
+EVENTS_FORMAT = 1
+
+
+def events_header(config, strategy: Strategy) -> dict[str, Any]:
+    """The first line of a strategy's events file: what wrote it, under which config (a replay of a
+    threads run's trace checks it)."""
+    import json
+
+    return {
+        "bpjax_events": EVENTS_FORMAT,
+        "strategy": strategy.name,
+        "workers": strategy.num_devices,
+        "config": json.loads(json.dumps(config.to_dict())),
+    }
+
 
 def rows_held(sharding: jax.sharding.Sharding, batch_size: int) -> slice:
     """The rows of a ``[K, B, ...]`` batch that this process's devices hold under ``sharding``."""
     if jax.process_count() == 1:
         return slice(None)
     rank = max(2, len(getattr(sharding, "spec", ())))
-    shape = (1, batch_size) + (1,) * (rank - 2)
-    spans = sorted(
-        {idx[1].indices(batch_size)[:2] for idx in sharding.addressable_devices_indices_map(shape).values()}
-    )
+    spans = sorted(_row_spans(sharding, batch_size, rank))
     if any(start > end for (_, end), (start, _) in zip(spans, spans[1:], strict=False)):
         raise ValueError(f"this process holds rows {spans} of each batch, which are not contiguous")
     return slice(spans[0][0], max(end for _, end in spans))
 
 
+def _global_shape(sharding: jax.sharding.Sharding, local: tuple[int, ...]) -> tuple[int, ...]:
+    """The global shape of a ``[K, b, ...]`` leaf of which this process holds rows ``b`` (the ones
+    `rows_held` names) and every other dimension whole, e.g. all input features where the batch is
+    also cut by features (``dp`` with ``partition=feature``)."""
+    if len(local) < 2:
+        return local
+    rows = len(sharding.device_set)  # a row count that any number of row blocks divides
+    held = sum(end - start for start, end in _row_spans(sharding, rows, len(local)))
+    return (local[0], local[1] * rows // held, *local[2:])
+
+
+def _row_spans(sharding: jax.sharding.Sharding, rows: int, rank: int) -> set[tuple[int, int]]:
+    """The ``(start, end)`` row spans of a ``[K, rows, ...]`` array this process's devices hold."""
+    n = len(sharding.device_set)  # the other dimensions: a size any split of them divides
+    shape = (1, rows) + (n,) * (rank - 2)
+    return {idx[1].indices(rows)[:2] for idx in sharding.addressable_devices_indices_map(shape).values()}
+
+
 def place_batch(batch: Batch, shardings) -> Batch:
     """Put a host batch on devices: as is in one process, from process-local rows in several.
 
-    ``shardings``: one sharding for every leaf, or a dict like ``batch``.
+    ``shardings``: one sharding for every leaf, or a dict like ``batch``. Each process holds its
+    rows of each batch (`rows_held`) with every other dimension whole; the devices take their blocks.
     """
     if jax.process_count() == 1:
         return jax.device_put(batch, shardings)
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = {k: shardings for k in batch}
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v, _global_shape(shardings[k], v.shape))
+    return out
 
 
 def to_host(tree: Any) -> Any:
@@ -270,19 +320,53 @@ def over_data(
     name: str,
     layout: str,
     mesh: jax.sharding.Mesh,
+    problem: Problem,
     *,
-    init: Callable,
+    from_train: Callable[[TrainState, Any], Any],
     state_sharding: Any,
     step: Callable,
-    gather: Callable,
+    train_of: Callable[[Any], TrainState],
+    train_sharding: Any,
+    extras_of: Callable[[Any], Any],
+    fresh: str,
     axis: str = "data",
 ) -> Strategy:
-    """A strategy whose batch is split over ``axis`` and whose state has ``state_sharding``: ``init``
-    jitted into that layout, ``step`` fused over K steps, jitted, its state donated (the assembly the
-    simulated schemes share: async, param_server, local_sgd, diloco)."""
+    """A strategy whose batch is split over ``axis`` and whose state (laid out by ``state_sharding``)
+    is a TrainState plus extras of its own: the assembly the simulated schemes share (async,
+    param_server, local_sgd, diloco).
+
+    ``from_train(train, extras)``: the state from a reference TrainState and its extras, or with
+    ``extras=None`` by the strategy's rule (``fresh``, one line), which is also how ``init`` starts
+    from ``Problem.init``; ``train_of(state)``: the reference TrainState (laid out by
+    ``train_sharding``), which ``gather`` reads and checkpoints save (portable: any strategy resumes
+    it); ``extras_of(state)``: the rest, saved beside it for a bit-identical resume under the same
+    strategy and mesh. ``step`` is fused over K steps, jitted, its state donated.
+    """
     batch_sh = jax.sharding.NamedSharding(mesh, jax.P(None, axis))
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    init = jax.jit(init, out_shardings=state_sharding)
+    init = jax.jit(lambda key: from_train(problem.init(key), None), out_shardings=state_sharding)
+    reference = jax.jit(train_of, out_shardings=train_sharding)
+
+    def abstract(tree, shardings):  # ``shardings``: a tree prefix of ``tree``
+        def laid_out(sharding, subtree):
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), subtree)
+
+        return jax.tree.map(laid_out, shardings, tree)
+
+    def target():
+        return abstract(jax.eval_shape(problem.init, jax.random.key(0)), train_sharding)
+
+    def extras():
+        return abstract(extras_of(jax.eval_shape(init, jax.random.key(0))), extras_of(state_sharding))
+
+    checkpointing = Checkpointing(
+        target=target,
+        save=reference,
+        load=jax.jit(from_train, out_shardings=state_sharding),
+        extras=extras,
+        save_extras=extras_of,
+        fresh=fresh,
+    )
     return Strategy(
         name=name,
         layout=layout,
@@ -291,9 +375,10 @@ def over_data(
         init=init,
         shard_batch=lambda batch: place_batch(batch, batch_sh),
         step=jax.jit(fuse_steps(step), out_shardings=(state_sharding, replicated), donate_argnums=0),
-        gather=gather,
-        checkpointing=jit_checkpointing(init),
+        gather=lambda state: to_host(reference(state)),
+        checkpointing=checkpointing,
         mesh=mesh,
+        batch_rows=lambda batch_size: rows_held(batch_sh, batch_size),
     )
 
 
@@ -306,12 +391,19 @@ def worker_update(problem: Problem, step, params_1x, opt_1x, batch) -> tuple[Tra
     return problem.apply_gradients(TrainState(step, params, opt_state), grads), loss
 
 
-def mean_of_copies(x) -> np.ndarray:
-    """A worker-stacked leaf ``[W, ...]`` on the host: the mean of the workers' copies, accumulated in
-    float64 so that identical copies (right after averaging) come back exactly; an integer leaf (a
+def broadcast_copies(tree: Any, copies: int) -> Any:
+    """Every leaf stacked ``[copies, ...]``, each copy equal to it: the workers' copies of a state."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (copies, *x.shape)), tree)
+
+
+def mean_of_copies(x: jax.Array) -> jax.Array:
+    """A worker-stacked leaf ``[W, ...]`` -> the mean of the workers' copies, on device (traced: call
+    it inside a jit). Computed as ``x_0 + mean_w (x_w - x_0)`` so that identical copies (right after
+    averaging, or as `broadcast_copies` makes them) give that copy back exactly; an integer leaf (a
     counter, equal on every worker) is the first copy."""
-    x = np.asarray(jax.device_get(x))
-    return x.mean(0, dtype=np.float64).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else x[0]
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x[0]
+    return x[0] + (x - x[0]).mean(0)
 
 
 def data_allreduce(

@@ -23,7 +23,7 @@ fragment p has its outer step at steps ``t`` with ``(t - p*H/P) % H == 0``: each
 of the parameters, spread over the round, instead of all of them at once. P=1 is DiLoCo.
 
 ``gather`` returns the outer parameters (the model DiLoCo evaluates) and the mean of the workers'
-inner optimizer states.
+inner optimizer states: the TrainState a checkpoint saves, with the rest of the state beside it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -47,6 +46,7 @@ from bpjax.strategies.base import (
     Definition,
     Example,
     Strategy,
+    broadcast_copies,
     local_bytes,
     mean_of_copies,
     over_data,
@@ -56,6 +56,10 @@ from bpjax.strategies.base import (
 from bpjax.strategies.local_sgd import LOCAL_STEPS
 
 AXIS = "data"
+FRESH = (
+    "a round starts: the outer model is the restored parameters with zero outer momentum, and every "
+    "worker's copy and inner optimizer state the restored ones"
+)
 
 
 class DilocoState(NamedTuple):
@@ -109,13 +113,19 @@ def make(
     per_worker = jax.sharding.NamedSharding(mesh, jax.P(AXIS))
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
-    def init(key):
-        state = problem.init(key)
-        copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (W, *x.shape)), (state.params, state.opt_state))
-        outer_opt = tuple(outer_tx.init({k: state.params[k] for k in g}) for g in groups)
-        return DilocoState(state.step, state.params, outer_opt, *copies)
+    def from_train(train: TrainState, extras=None) -> DilocoState:
+        # Without state of its own (a fresh start, another strategy's checkpoint), a round starts: the
+        # outer model is the TrainState's parameters, its Nesterov momentum zero, and every worker's
+        # copy and inner optimizer state the TrainState's.
+        if extras is None:
+            copies = broadcast_copies((train.params, train.opt_state), W)
+            outer_opt = tuple(outer_tx.init({k: train.params[k] for k in g}) for g in groups)
+            extras = {"outer_opt": outer_opt, "params": copies[0], "opt_state": copies[1]}
+        return DilocoState(
+            train.step, train.params, extras["outer_opt"], extras["params"], extras["opt_state"]
+        )
 
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: from_train(problem.init(key)), jax.random.key(0))
     state_sh = DilocoState(
         replicated,
         jax.tree.map(lambda _: replicated, shapes.outer),
@@ -155,11 +165,8 @@ def make(
         )(state.step, state.outer, state.outer_opt, state.params, state.opt_state, batch)
         return DilocoState(new_step, outer, outer_opt, params, opt_state), {"loss": loss}
 
-    def gather(state: DilocoState) -> TrainState:
-        outer = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state.outer)
-        return TrainState(
-            np.asarray(jax.device_get(state.step)), outer, jax.tree.map(mean_of_copies, state.opt_state)
-        )
+    def reference(state: DilocoState) -> TrainState:
+        return TrainState(state.step, state.outer, jax.tree.map(mean_of_copies, state.opt_state))
 
     streaming = f", {P} fragments synced in turn" if P > 1 else ""
     return over_data(
@@ -167,10 +174,18 @@ def make(
         f"In[B_data, D] · W_w[D, F] per worker w; outer W[D, F] replicated, Nesterov step on "
         f"W - mean_w W_w every {H} step(s){streaming}",
         mesh,
-        init=init,
+        problem,
+        from_train=from_train,
         state_sharding=state_sh,
         step=step,
-        gather=gather,
+        train_of=reference,
+        train_sharding=replicated,
+        extras_of=lambda state: {
+            "outer_opt": state.outer_opt,
+            "params": state.params,
+            "opt_state": state.opt_state,
+        },
+        fresh=FRESH,
     )
 
 
@@ -242,4 +257,6 @@ DEFINITION = Definition(
             ("momentum",),
         ),
     ),
+    multi_process=True,
+    portable_checkpoints=True,
 )

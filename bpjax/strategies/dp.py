@@ -62,8 +62,7 @@ DEFINITION = Definition(
         Example({"data": 2, "feature": 4}, {"partition": "hybrid"}),
         Example({"feature": 1}, {"partition": "feature"}),
     ),
-    # Processes load whole rows of each batch; a batch cut by features is not.
-    multi_process=lambda settings: settings.partition == "sample",
-    multi_process_when="partition=sample",
+    # Processes load their rows of each batch, every feature; the devices take their feature blocks.
+    multi_process=True,
     portable_checkpoints=True,
 )

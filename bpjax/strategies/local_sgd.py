@@ -13,8 +13,8 @@ W normalised updates is not the normalised mean update), nor with global-norm cl
 such optimizers here (a probe checks that the update is linear in the gradient) rather than train
 something other than what the user compares against.
 
-``gather`` returns the mean of the workers' copies: the consensus model, equal to every copy right
-after an averaging step.
+``gather`` returns the mean of the workers' copies (parameters and optimizer state): the consensus
+model, equal to every copy right after an averaging step. A checkpoint saves it, and the copies beside.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from bpjax.strategies.base import (
     Definition,
     Example,
     Strategy,
+    broadcast_copies,
     local_bytes,
     mean_of_copies,
     over_data,
@@ -43,6 +44,7 @@ from bpjax.strategies.base import (
 
 AXIS = "data"
 LINEAR = ("sgd", "momentum", "nesterov")
+FRESH = "every worker's copy of the parameters and optimizer state starts as the restored one"
 
 
 def _is_linear(tx) -> bool:
@@ -76,12 +78,14 @@ def make(problem: Problem, mesh: dict, *, local_steps: int) -> Strategy:
     per_worker = jax.sharding.NamedSharding(mesh, jax.P(AXIS))
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
-    def init(key):
-        state = problem.init(key)
-        copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (W, *x.shape)), (state.params, state.opt_state))
-        return TrainState(state.step, *copies)
+    def from_train(train: TrainState, copies=None) -> TrainState:
+        # Without copies of their own (a fresh start, another strategy's checkpoint), every worker
+        # starts from the TrainState: as right after an averaging step.
+        if copies is None:
+            copies = broadcast_copies((train.params, train.opt_state), W)
+        return TrainState(train.step, *copies)
 
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: from_train(problem.init(key)), jax.random.key(0))
     state_sh = TrainState(replicated, *jax.tree.map(lambda _: per_worker, (shapes.params, shapes.opt_state)))
 
     def average(tree):
@@ -107,21 +111,21 @@ def make(problem: Problem, mesh: dict, *, local_steps: int) -> Strategy:
         )(state.step, state.params, state.opt_state, batch)
         return TrainState(new_step, params, opt_state), {"loss": loss}
 
-    def consensus(x):
-        stacked = isinstance(x, jax.Array) and x.sharding == per_worker
-        return mean_of_copies(x) if stacked else np.asarray(jax.device_get(x))
-
-    def gather(state: TrainState) -> TrainState:
-        return jax.tree.map(consensus, state)
+    def consensus(state: TrainState) -> TrainState:
+        return TrainState(state.step, *jax.tree.map(mean_of_copies, (state.params, state.opt_state)))
 
     return over_data(
         "local_sgd",
         f"In[B_data, D] · W_w[D, F] per worker w; copies averaged every {H} step(s)",
         mesh,
-        init=init,
+        problem,
+        from_train=from_train,
         state_sharding=state_sh,
         step=step,
-        gather=gather,
+        train_of=consensus,
+        train_sharding=replicated,
+        extras_of=lambda state: (state.params, state.opt_state),
+        fresh=FRESH,
     )
 
 
@@ -162,4 +166,6 @@ DEFINITION = Definition(
     placement=replicated_placement,
     # H=1: averaging after every step is synchronous dp for an update linear in the gradient.
     examples=tuple(Example({"data": n}, {"local_steps": 1}, optimizers=("momentum",)) for n in (8, 4, 1)),
+    multi_process=True,
+    portable_checkpoints=True,
 )

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax.devices import make_mesh, mesh_axes
+from bpjax.errors import UserError
 from bpjax.schema import Int
 from bpjax.step import Problem, TrainState
+from bpjax.strategies import threaded
 from bpjax.strategies.base import (
     Collective,
     Cost,
@@ -38,12 +40,14 @@ from bpjax.strategies.base import (
     Example,
     Strategy,
     over_data,
+    replicated_placement,
     split_over_data,
 )
 from bpjax.strategies.rules import FSDP, param_specs
 from bpjax.strategies.sharded import state_shardings
 
 AXIS = "data"
+FRESH = "the workers' caches start from the restored parameters and their gradient accumulators at zero"
 
 
 class ServerState(NamedTuple):
@@ -54,7 +58,30 @@ class ServerState(NamedTuple):
     accum: object  # params-shaped, stacked [W, ...] over data: each worker's own sum of gradients
 
 
-def make(problem: Problem, mesh: dict, *, n_push: int, n_fetch: int) -> Strategy:
+def make(
+    problem: Problem,
+    mesh: dict,
+    *,
+    n_push: int,
+    n_fetch: int,
+    staleness: int,
+    execution: str,
+    stragglers: dict,
+    replay: str,
+) -> Strategy:
+    if execution == "threads":
+        # Every push is one update of one batch (n_push = 1, checked); a worker's cache is refreshed
+        # every n_fetch of its batches.
+        return threaded.make_threads(
+            problem,
+            mesh,
+            name="param_server",
+            staleness=staleness,
+            fetch_every=n_fetch,
+            stragglers=stragglers,
+        )
+    if replay:
+        return threaded.make_replay(problem, mesh, name="param_server", path=replay)
     mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "param_server"))
     W = mesh.shape[AXIS]
     named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
@@ -69,12 +96,16 @@ def make(problem: Problem, mesh: dict, *, n_push: int, n_fetch: int) -> Strategy
         is_leaf=lambda x: isinstance(x, jax.P),
     )
 
-    def init(key):
-        state = problem.init(key)
-        accum = jax.tree.map(lambda p: jnp.zeros((W, *p.shape), p.dtype), state.params)
-        return ServerState(state, state.params, accum)
+    def from_train(train: TrainState, extras=None) -> ServerState:
+        # Without a cache and accumulators of their own (a fresh start, another strategy's checkpoint),
+        # the workers have just fetched the parameters and pushed everything: as after a step at
+        # n_push = n_fetch = 1.
+        if extras is None:
+            zeros = jax.tree.map(lambda p: jnp.zeros((W, *p.shape), p.dtype), train.params)
+            extras = {"cache": train.params, "accum": zeros}
+        return ServerState(train, extras["cache"], extras["accum"])
 
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    shapes = jax.eval_shape(lambda key: from_train(problem.init(key)), jax.random.key(0))
     param_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(shapes.cache))
     state_sh = ServerState(
         server_sh,
@@ -148,27 +179,47 @@ def make(problem: Problem, mesh: dict, *, n_push: int, n_fetch: int) -> Strategy
         }
         return ServerState(new_train, cache, accum), metrics
 
-    def gather(state: ServerState) -> TrainState:
-        return jax.tree.map(np.asarray, jax.device_get(state.train))
-
     return over_data(
         "param_server",
         f"server W[D, F_data] sharded over the {W} devices; workers In[B_data, D] · W_cache[D, F]; "
         f"push every {n_push}, fetch every {n_fetch} step(s)",
         mesh,
-        init=init,
+        problem,
+        from_train=from_train,
         state_sharding=state_sh,
         step=step,
-        gather=gather,
+        train_of=lambda state: state.train,
+        train_sharding=server_sh,
+        extras_of=lambda state: {"cache": state.cache, "accum": state.accum},
+        fresh=FRESH,
     )
+
+
+def check(config) -> None:
+    p = config.parallel
+    threaded.check(config)
+    if p.execution == "threads" and p.n_push != 1:
+        raise UserError(
+            f"parallel.n_push={p.n_push}: in threads execution every push is one update of one batch; set "
+            "parallel.n_push=1 (parallel.n_fetch sets how stale a worker's copy may get)"
+        )
+    if p.execution == "simulated" and p.staleness:
+        raise UserError(
+            f"parallel.staleness={p.staleness} bounds param_server's workers in threads execution; set "
+            "parallel.execution=threads, or use n_push and n_fetch for the simulated schedule"
+        )
 
 
 def placement(problem: Problem, strategy: Strategy, settings):
     """The parameters' home: the server shards (the workers' caches are copies)."""
+    if settings.execution == "threads" or settings.replay:
+        return replicated_placement(problem, strategy, settings)
     return jax.tree.map(lambda s: s.sharding, jax.eval_shape(strategy.init, jax.random.key(0)).train.params)
 
 
 def cost(inp: CostInput) -> Cost:
+    if inp.settings.execution == "threads" or inp.settings.replay:
+        return threaded.cost(inp)
     data = inp.mesh.get(AXIS, 1)
     if data == 1:
         return Cost([])
@@ -211,19 +262,29 @@ def cost(inp: CostInput) -> Cost:
 
 DEFINITION = Definition(
     name="param_server",
-    summary="Downpour-style parameter server: workers push gradients every n_push, fetch every n_fetch steps",
+    summary="Downpour-style parameter server: workers push gradients every n_push, fetch every n_fetch steps "
+    "(simulated, or real worker threads)",
     layout="server W[D, F_data] sharded over the devices; workers In[B_data, D] · W_cache[D, F]",
     make=make,
     axes=(AXIS,),
     settings={
         "n_push": Int(1, "workers push their accumulated gradients every n_push steps", min=1),
         "n_fetch": Int(1, "workers pull the parameters every n_fetch steps", min=1),
+        "staleness": threaded.SETTINGS["staleness"],
+        "execution": threaded.SETTINGS["execution"],
+        "stragglers": threaded.SETTINGS["stragglers"],
+        "replay": threaded.SETTINGS["replay"],
     },
+    check=check,
     cost=cost,
     placement=placement,
     examples=(
         Example({"data": 8}, {"n_push": 1, "n_fetch": 1}),
         Example({"data": 4}),
         Example({"data": 1}),
+        Example({"data": 1}, {"execution": "threads", "n_fetch": 1}),
     ),
+    multi_process=threaded.multi_process,
+    multi_process_when=threaded.MULTI_PROCESS_WHEN,
+    portable_checkpoints=True,
 )
