@@ -18,6 +18,14 @@ from bpjax.testing import assert_trees_close, train_steps
 N = 2
 STEPS = 2
 ACCUMULATING = sorted(name for name, d in strategies.REGISTRY.items() if d.accumulates)
+# Each accumulating strategy's main example, and every example that runs real worker threads (their
+# gradients come from programs of their own, bpjax/strategies/threaded.py).
+CASES = [(name, 0) for name in ACCUMULATING] + [
+    (name, i)
+    for name in ACCUMULATING
+    for i, e in enumerate(strategies.REGISTRY[name].examples)
+    if e.settings.get("execution") == "threads"
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +60,9 @@ def test_not_every_strategy_accumulates():
     assert "pipeline" not in ACCUMULATING and "single" in ACCUMULATING
 
 
-@pytest.mark.parametrize("name", ACCUMULATING)
-def test_microbatches_equal_one_big_batch(name, dataset, whole_batches):
-    example = strategies.REGISTRY[name].examples[0]
+@pytest.mark.parametrize(("name", "i"), CASES, ids=[f"{n}-{i}" for n, i in CASES])
+def test_microbatches_equal_one_big_batch(name, i, dataset, whole_batches):
+    example = strategies.REGISTRY[name].examples[i]
     opt = FIRST_OPTIMIZER[name]
     c, problem, batches = setup(dataset, opt, example.mesh, example.settings)
     fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)}
