@@ -4,10 +4,11 @@
 takes. This module only decides where those rows are gathered, two ways with the same result bit for
 bit (``train.device_data``):
 
-  on the device  The training set is copied to every device of the strategy once. Each call sends only
-                 the row numbers (``[K, B]`` int32, laid out as the strategy lays out a batch), and one
-                 jitted gather takes the rows there, straight into the strategy's layout
-                 (``out_shardings``): no host gather, no per-call copy of the data.
+  on the device  The training set is copied to every device of the strategy once. The gather and the
+                 strategy's step are one compiled program (`Feed.compile`): it takes the call's row
+                 numbers (``[K, B]`` int32, laid out as the strategy lays out a batch) from a block of
+                 many calls' sent ahead, with a counter the program advances on the device, and gathers
+                 the rows straight into the strategy's layout: no host gather, and a call sends nothing.
   from the host  The rows are gathered on the host and copied with ``strategy.shard_batch``, as before;
                  a background thread prepares the next call's batches while the current call runs.
 
@@ -53,8 +54,9 @@ class Feed:
     """The input of a run's compiled calls.
 
     ``step_fn, first = feed.compile(strategy.step, state, call)`` then ``step_fn(state, feed(c))`` for
-    each call c: ``feed(c)`` is the call's row numbers on the device (``on_device``) or its batches
-    from the host. ``feed.batch(c)`` is the device batch either way (what ``strategy.step`` sees).
+    each call c: ``feed(c)`` is the call number on the device (``on_device``; ``step_fn`` finds its
+    rows there) or the call's batches from the host. ``feed.batch(c)`` is the device batch either way
+    (what ``strategy.step`` sees).
     """
 
     def __init__(self, batches: Batches, strategy: Strategy, k: int, rows: slice, mode: str = "auto"):
