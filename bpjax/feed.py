@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from bpjax.data import Batches
+from bpjax.errors import warn
 from bpjax.strategies.base import Strategy, to_host
 
 # The share of one device's memory a training set may take to be kept there under ``auto``.
@@ -70,6 +71,9 @@ class Feed:
             # program to gather in: its batches come from the host.
             probe = strategy.shard_batch(batches.stack(0, 1, rows))
             self.on_device = all(isinstance(a, jax.Array) for a in jax.tree.leaves(probe))
+        if mode == "on" and not self.on_device:
+            why = "a multi-process run" if jax.process_count() > 1 else f"{strategy.name}'s host-driven step"
+            warn(f"train.device_data=on: {why} takes its batches from the host; set train.device_data=auto")
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next: tuple[int, concurrent.futures.Future] | None = None
         self._gather: Callable | None = None

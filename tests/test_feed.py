@@ -114,12 +114,16 @@ def test_runs_are_identical_with_data_on_the_device(name, monkeypatch):
         assert np.array_equal(a, e)
 
 
-def test_a_host_driven_step_takes_host_batches(dataset):
+def test_a_host_driven_step_takes_host_batches(dataset, capsys):
     # A strategy whose shard_batch keeps numpy arrays runs its step from the host: nothing to fuse into.
     on, _ = feeds(dataset, "single", {}, {})
     host_driven = on.strategy._replace(shard_batch=lambda batch: jax.tree.map(np.asarray, batch))
     feed = Feed(on.batches, host_driven, 1, slice(None), "on")
     assert on.on_device and not feed.on_device
+    assert capsys.readouterr().err == (
+        "warning: train.device_data=on: single's host-driven step takes its batches from the host; "
+        "set train.device_data=auto\n"
+    )
     assert isinstance(feed(0)["x"], np.ndarray)
     feed.close()
     on.close()
