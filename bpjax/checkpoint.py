@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from bpjax import faults, strategies
 from bpjax.errors import UserError, quiet_stderr
 from bpjax.models.mlp import resolve_param_dtype
+from bpjax.step import PRECISIONS
 from bpjax.strategies.base import Strategy
 from bpjax.workdir import CHECKPOINTS  # noqa: F401  (re-exported: the folder inside a run's workdir)
 
@@ -305,8 +306,10 @@ class Checkpointer:
 
 
 def _resolved(config) -> dict:
-    """The config as a checkpoint records it: ``model.param_dtype`` as the dtype it resolves to, so
-    that ``auto`` and the dtype it stands for (and checkpoints from before ``auto``) match."""
+    """The config as a checkpoint records it: the model's compute and parameter dtypes as they resolve
+    (``model.precision`` and ``param_dtype=auto`` replaced by the dtypes they stand for, the loss scale
+    only where float16 uses it), so that equivalent spellings match, and so do checkpoints written
+    before those keys existed."""
     from bpjax.config import seeds
 
     d = config.to_dict()
@@ -314,7 +317,15 @@ def _resolved(config) -> dict:
         d["seeds"] = seeds(config)
     model = d.get("model", {})
     if "param_dtype" in model:
-        model["param_dtype"] = resolve_param_dtype(model.get("dtype", "float32"), model["param_dtype"])
+        precision = model.pop("precision", "auto")
+        if precision == "auto":
+            dtype = model.get("dtype", "float32")
+            model["param_dtype"] = resolve_param_dtype(dtype, model["param_dtype"])
+        else:
+            model["dtype"], model["param_dtype"] = PRECISIONS[precision]
+        scale = model.pop("loss_scale", None)
+        if model.get("dtype") == "float16" and scale is not None:
+            model["loss_scale"] = scale
     return d
 
 

@@ -136,6 +136,19 @@ SCHEMA: dict[str, Any] = {
             "dtype of the parameters and optimizer state; auto: float64 when model.dtype is float64, "
             "else float32",
         ),
+        "precision": Choice(
+            "auto",
+            ("auto", "fp32", "bf16", "fp16"),
+            "mixed-precision policy: bf16 / fp16 compute in bfloat16 / float16 with float32 parameters, "
+            "optimizer state and gradients; fp32 everything float32; auto: model.dtype and "
+            "model.param_dtype as given (see docs/gpu.md)",
+        ),
+        "loss_scale": Float(
+            1024.0,
+            "float16 compute only: static loss scale (the loss is multiplied by it before "
+            "back-propagation, the float32 gradients divided by it)",
+            min=1,
+        ),
         "kernel_init": Choice("lecun_normal", INITS, "initialiser of the kernels"),
         "bias_init": Choice("zeros", INITS, "initialiser of the biases"),
     },
@@ -171,6 +184,26 @@ SCHEMA: dict[str, Any] = {
         "eval_every": Int(250, "evaluate the test set every this many steps; 0: only at the end", min=0),
         "log_every": Int(50, "write a metrics.jsonl row every this many steps; 0: only at the end", min=0),
         "steps_per_call": Int(1, "K steps fused into one compiled call with lax.scan", min=1),
+        "accumulate": Int(
+            1,
+            "gradient accumulation: cut each step's batch into this many microbatches and sum their "
+            "gradients before one update (must divide each device's share of the batch)",
+            min=1,
+        ),
+        "matmul_precision": Choice(
+            "default",
+            ("default", "high", "highest"),
+            "jax.default_matmul_precision of the step's matmuls: default lets XLA choose (TF32 for "
+            "float32 on recent NVIDIA GPUs), highest forces full float32",
+        ),
+        "device_data": Choice(
+            "auto",
+            ("auto", "on", "off"),
+            "on: keep the training set on the devices and draw each call's batches there (same order, "
+            "bit-identical); off: gather them on the host and copy them, prefetching the next call's "
+            "while the current one runs; auto: on when the training set takes at most a quarter of a "
+            "device's memory and the run is one process",
+        ),
         "sync_every": Int(
             16, "block on a result at least this often (forced CPU collectives can deadlock)", min=1
         ),
@@ -753,7 +786,32 @@ def validate(c: mlc.ConfigDict) -> None:
             f"checkpoint.every={every} is not a multiple of train.steps_per_call={k}; checkpoints are "
             f"saved between compiled calls (use every={max(every // k, 1) * k})"
         )
+    _check_precision_and_accumulation(c)
     strategies.get(c.parallel.strategy).check(c)
+
+
+def _check_precision_and_accumulation(c: mlc.ConfigDict) -> None:
+    """``model.precision`` against the dtypes set by hand; ``train.accumulate`` against the batch; both
+    against what the strategy declares it can do."""
+    from bpjax import strategies
+    from bpjax.step import precision_policy
+
+    d = strategies.get(c.parallel.strategy)
+    compute, _ = precision_policy(c.model)
+    if compute == "float16" and not d.scales_loss:
+        can = strategies.names(lambda s: s.scales_loss)
+        raise UserError(
+            f"{d.name} computes its gradients its own way, without the loss scaling float16 needs; use "
+            f"model.precision=bf16, or float16 with {can}"
+        )
+    n, b = c.train.accumulate, c.train.batch_size
+    if n > 1 and not d.accumulates:
+        raise UserError(f"{d.name} cannot accumulate gradients (train.accumulate={n}); {d.not_accumulating}")
+    if b % n:
+        raise UserError(
+            f"train.accumulate={n} does not divide train.batch_size={b}; microbatches are equal shares of "
+            f"the batch: use a divisor of {b} or a batch size such as {max(b // n, 1) * n}"
+        )
 
 
 def reference_markdown() -> str:

@@ -605,18 +605,22 @@ class Batches:
             )
         self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
         self.steps_per_epoch = len(x) // batch_size
-        self._epoch, self._perm = -1, None
+        # (epoch, its permutation), replaced as one value: the prefetching thread (bpjax.feed) and the
+        # loop may both read it.
+        self._epoch_perm: tuple[int, np.ndarray | None] = (-1, None)
 
-    def _indices(self, step: int) -> np.ndarray:
+    def indices(self, step: int) -> np.ndarray:
+        """The training-set rows of step ``step``'s batch, ``[B]``."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
-        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
+        cached, perm = self._epoch_perm
+        if epoch != cached:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+            self._epoch_perm = (epoch, perm)
+        return perm[i * self.batch_size : (i + 1) * self.batch_size]
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The global batch of training step ``step`` (0-based)."""
-        idx = self._indices(step)
+        idx = self.indices(step)
         return {"x": self.x[idx], "y": self.y[idx]}
 
     def stack(self, start: int, k: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
@@ -624,5 +628,5 @@ class Batches:
 
         ``rows``: only these rows of every batch (a process's share in a multi-process run).
         """
-        idx = np.stack([self._indices(s)[rows] for s in range(start, start + k)])
+        idx = np.stack([self.indices(s)[rows] for s in range(start, start + k)])
         return {"x": self.x[idx], "y": self.y[idx]}

@@ -144,3 +144,55 @@ def make_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     n = math.prod(shape.values())
     auto = (jax.sharding.AxisType.Auto,) * len(shape)
     return jax.make_mesh(tuple(shape.values()), tuple(shape), axis_types=auto, devices=devices[:n])
+
+
+def fit_mesh(mesh: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """A mesh written for simulated CPU devices, fitted to the ``num_devices`` accelerators present.
+
+    Sizes that fit stay as they are (8 simulated devices, 8 GPUs; 3 pipeline stages on 8). Otherwise each axis, in order, keeps
+    the largest size that divides both its own and what the axes before it leave of the devices (a
+    ``data=8`` run on one GPU becomes ``data=1``; ``data=2 x model=4`` on 2 GPUs ``data=2 x model=1``),
+    and a ``-1`` axis takes the rest, as always.
+    """
+    fixed = math.prod(s for s in mesh.values() if s != -1)
+    if fixed <= num_devices and (-1 not in mesh.values() or num_devices % fixed == 0):
+        return dict(mesh)
+    left, out = num_devices, {}
+    for axis, size in mesh.items():
+        if size == -1:
+            out[axis] = -1
+            continue
+        out[axis] = math.gcd(size, left)
+        left //= out[axis]
+    return out
+
+
+def use_accelerators(config) -> str | None:
+    """On an accelerator, a config that asks for simulated CPU devices (``parallel.cpu_devices``) runs
+    on the accelerators present instead: its mesh is fitted to them (`fit_mesh`) in place. Returns a
+    note of the change for the run's first line, or None (on CPU, or when nothing changes). Call after
+    JAX's backends may start (after `use_cpu_devices` and ``jax.distributed.initialize``)."""
+    if not config.parallel.cpu_devices or jax.default_backend() == "cpu":
+        return None
+    mesh = dict(config.parallel.mesh)
+    fitted = fit_mesh(mesh, len(jax.devices()))
+    if fitted == mesh:
+        return None
+    with config.parallel.unlocked():
+        config.parallel.mesh = type(config.parallel.mesh)(fitted)
+    return (
+        f"parallel.cpu_devices={config.parallel.cpu_devices} simulates CPU devices; on {len(jax.devices())} "
+        f"{jax.default_backend()} device(s) parallel.mesh {mesh} becomes {fitted}"
+    )
+
+
+def describe(devices: Sequence[jax.Device]) -> str:
+    """``gpu backend (jax 0.10.2): 2 of 8 devices (NVIDIA H100 80GB HBM3 x2)``, for a run's first line."""
+    kinds: dict[str, int] = {}
+    for d in devices:
+        kinds[d.device_kind] = kinds.get(d.device_kind, 0) + 1
+    what = ", ".join(f"{kind} x{n}" for kind, n in kinds.items())
+    total = jax.device_count()
+    return (
+        f"{jax.default_backend()} backend (jax {jax.__version__}): {len(devices)} of {total} devices ({what})"
+    )

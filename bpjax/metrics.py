@@ -78,6 +78,11 @@ class Progress:
         if self.bar:
             self.bar.update(n)
 
+    def note(self, text: str) -> None:
+        """One line on stderr before training starts (what runs where), unless the mode is off."""
+        if self.mode != "off":
+            (self.bar.write if self.bar else print)(text, file=sys.stderr)
+
     def log(self, row: dict) -> None:
         if self.bar:
             self.bar.set_postfix(

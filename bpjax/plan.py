@@ -169,6 +169,8 @@ def make_plan(setup: Setup) -> Plan:
     position = {d: i for i, d in enumerate(strategy.devices)}
     cost = definition.cost(inp)
     activations = cost.activations or {}
+    # With gradient accumulation only one microbatch's activations are alive at a time.
+    rows = inp.b_local // problem.accumulate
     layers = []
     for i in range(len(problem.model.widths)):
         name = layer_name(i)
@@ -185,9 +187,7 @@ def make_plan(setup: Setup) -> Plan:
                 opt_bytes=opt_by_param.get((name, "kernel"), 0) + opt_by_param.get((name, "bias"), 0),
                 # The layer's output, kept for the backward pass, split where its bias is (unless the
                 # strategy's cost model knows better, e.g. a pipeline schedule's peak).
-                act_bytes=activations.get(
-                    name, int(inp.b_local * widths[i + 1] * out_split * inp.act_itemsize)
-                ),
+                act_bytes=activations.get(name, int(rows * widths[i + 1] * out_split * inp.act_itemsize)),
                 devices=tuple(sorted(position[d] for d in p["kernel"].sharding.device_set)),
             )
         )

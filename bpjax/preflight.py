@@ -20,7 +20,7 @@ from bpjax import data as data_lib
 from bpjax import distributed, strategies
 from bpjax import workdir as workdir_lib
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
-from bpjax.devices import use_cpu_devices
+from bpjax.devices import use_accelerators, use_cpu_devices
 from bpjax.errors import UserError, warn
 from bpjax.plan import Plan, check_memory_budget, make_plan, per_device_bytes
 from bpjax.step import Problem, make_problem
@@ -37,6 +37,7 @@ class Setup:
     strategy: Strategy
     batches: data_lib.Batches
     plan: Plan | None = None  # made by `prepare` for the memory checks; `bpjax plan` and compare reuse it
+    notes: list[str] = field(default_factory=list)  # for the run's first line
 
 
 def prepare(config: mlc.ConfigDict) -> Setup:
@@ -59,6 +60,7 @@ def prepare(config: mlc.ConfigDict) -> Setup:
         raise UserError(f"data {config.data.name} has real-valued targets; set train.loss=mse")
     if ds.task == "classification" and config.train.loss == "mse":
         raise UserError(f"data {config.data.name} has class labels; set train.loss=cross_entropy")
+    fitted = use_accelerators(config)
     problem = make_problem(config, ds.num_features, ds.num_outputs)
     strategy = strategies.make(config.parallel.strategy, problem, config.parallel)
     b, n = config.train.batch_size, strategy.data_parallel
@@ -67,8 +69,15 @@ def prepare(config: mlc.ConfigDict) -> Setup:
             f"train.batch_size={b} is not divisible by {n} data-parallel devices; "
             f"use a multiple of {n} such as {max(b // n, 1) * n}"
         )
+    a = config.train.accumulate
+    if (b // n) % a:
+        raise UserError(
+            f"train.accumulate={a} does not divide the {b // n} examples each of {n} data-parallel devices "
+            f"gets of train.batch_size={b}; use a batch size divisible by {n * a}, e.g. "
+            f"{max(b // (n * a), 1) * n * a}, or another train.accumulate"
+        )
     batches = data_lib.Batches(ds.x_train, ds.y_train, b, seeds["data_order"])
-    setup = Setup(config, ds, problem, strategy, batches)
+    setup = Setup(config, ds, problem, strategy, batches, notes=[fitted] if fitted else [])
     check_multi_process(setup, processes)
     plan = setup.plan = make_plan(setup)
     budget = config.parallel.memory_budget_mb

@@ -9,6 +9,7 @@ so that the only difference between strategies is where arrays live and how part
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,15 @@ class Problem:
     tx: optax.GradientTransformation
     loss: str  # "cross_entropy" or "mse"
     input_dim: int
+    # Gradient accumulation: each step's batch is cut into this many microbatches whose gradients are
+    # summed (in the parameters' dtype, float32 or wider) before the one update (`loss_and_grads`).
+    accumulate: int = 1
+    # Static loss scaling (float16 compute): the loss is multiplied by this before back-propagation and
+    # the float32 gradients divided by it, so that small gradients do not underflow float16.
+    loss_scale: float = 1.0
+    # jax.default_matmul_precision while the loss is traced: None (XLA's default for the dtype; on
+    # GPUs float32 matmuls may use TF32), "highest", "high" or "default".
+    matmul_precision: str | None = None
 
     @property
     def param_axes(self) -> dict:
@@ -67,7 +77,8 @@ class Problem:
         return jnp.promote_types(jnp.dtype(self.model.dtype), jnp.float32)
 
     def predict(self, params: Params, x_BxD: jax.Array) -> jax.Array:
-        return self.model.apply({"params": params}, x_BxD).astype(self.loss_dtype)
+        with _matmul_precision(self.matmul_precision):
+            return self.model.apply({"params": params}, x_BxD).astype(self.loss_dtype)
 
     def loss_fn(self, params: Params, batch: Batch) -> jax.Array:
         """Mean loss over the batch (so a mean of equal-sized shard means is the global mean)."""
@@ -95,16 +106,60 @@ class Problem:
         ``reduce`` combines per-device gradients and losses into global ones (identity on one device or
         where the compiler partitions the computation itself).
         """
-        loss, grads = jax.value_and_grad(self.loss_fn)(state.params, batch)
+        loss, grads = self.loss_and_grads(state.params, batch)
         loss, grads = reduce((loss, grads))
         # Only the loss: on small nets every extra reduction (a gradient norm costs ~10% of a step on
         # CPU, measured by benchmarks/step_overhead.py) shows in the time per step.
         return self.apply_gradients(state, grads), {"loss": loss}
 
+    def loss_and_grads(
+        self, params: Params, batch: Batch, loss_fn: Callable | None = None
+    ) -> tuple[jax.Array, Params]:
+        """``(loss, gradient of the loss w.r.t. params)`` on one (local) batch: the one place every
+        strategy's gradients come from, so that accumulation and loss scaling hold for all of them.
+
+        ``loss_fn(params, batch)``: a mean loss (default `loss_fn`). With ``accumulate = N`` the batch
+        ``[B, ...]`` is cut into N microbatches of B/N rows, microbatch j holding rows j, j+N, j+2N, ...
+        (a strided cut keeps each device's rows on that device when B is split over devices), and a
+        ``lax.scan`` sums their gradients: the mean over equal microbatches of their mean losses is the
+        mean over the batch, so the update equals one big batch's to rounding, with a microbatch's
+        activations in memory instead of the batch's. N = 1 is exactly ``jax.value_and_grad``.
+        """
+        loss_fn = self.loss_fn if loss_fn is None else loss_fn
+        scale = self.loss_scale
+        scaled = loss_fn if scale == 1 else lambda p, b: loss_fn(p, b) * scale
+        value_and_grad = jax.value_and_grad(scaled)
+        n = self.accumulate
+        if n == 1:
+            loss, grads = value_and_grad(params, batch)
+        else:
+
+            def micro(a):  # [B, ...] -> [N, B/N, ...]; microbatch j is rows j::N
+                return jnp.moveaxis(a.reshape(a.shape[0] // n, n, *a.shape[1:]), 1, 0)
+
+            def add(total, microbatch):
+                return jax.tree.map(jnp.add, total, value_and_grad(params, microbatch)), None
+
+            zeros = (jnp.zeros((), self.loss_dtype), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(add, zeros, jax.tree.map(micro, batch))
+            loss, grads = jax.tree.map(lambda t: t / n, (loss, grads))
+        if scale != 1:
+            loss, grads = jax.tree.map(lambda t: t / scale, (loss, grads))
+        return loss, grads
+
     def apply_gradients(self, state: TrainState, grads: Params) -> TrainState:
         """The optimizer half of a step, for strategies that compute the gradients their own way."""
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str | None):
+    if precision is None:
+        yield
+    else:
+        with jax.default_matmul_precision(precision):
+            yield
 
 
 def fuse_steps(step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]):
@@ -206,19 +261,48 @@ def use_x64(needed: bool) -> None:
         _X64_OURS = False
 
 
+# The mixed-precision policies ``model.precision`` names: (compute dtype, parameter dtype). Parameters
+# and optimizer state stay float32, so gradients (taken w.r.t. them) are float32 and are reduced and
+# applied in float32; only the matmuls and activations run in the low precision.
+PRECISIONS = {
+    "fp32": ("float32", "float32"),
+    "bf16": ("bfloat16", "float32"),
+    "fp16": ("float16", "float32"),
+}
+
+
+def precision_policy(model_cfg) -> tuple[str, str]:
+    """``(compute dtype, parameter dtype)`` of a ``model`` config section: ``model.precision``'s policy,
+    or for ``auto`` ``model.dtype`` and ``model.param_dtype`` (resolved) as given."""
+    m = model_cfg
+    if m.precision == "auto":
+        return m.dtype, resolve_param_dtype(m.dtype, m.param_dtype)
+    if m.dtype != "float32" or m.param_dtype != "auto":
+        raise UserError(
+            f"model.precision={m.precision} sets the compute and parameter dtypes itself, but model.dtype="
+            f"{m.dtype} and model.param_dtype={m.param_dtype} are set too; remove those or use "
+            "model.precision=auto"
+        )
+    return PRECISIONS[m.precision]
+
+
 def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
     """The `Problem` a config describes, for data of ``input_dim`` features and ``num_outputs`` outputs.
 
     A float64 model (``model.dtype`` or ``model.param_dtype``) turns on JAX's 64-bit mode (`use_x64`).
+    ``model.precision`` picks the dtypes (`precision_policy`); a float16 compute dtype brings static
+    loss scaling by ``model.loss_scale``; ``train.accumulate`` and ``train.matmul_precision`` ride on
+    the Problem, so every strategy's gradients follow them (`Problem.loss_and_grads`).
     """
     m = config.model
-    use_x64("float64" in (m.dtype, resolve_param_dtype(m.dtype, m.param_dtype)))
+    dtype, param_dtype = precision_policy(m)
+    use_x64("float64" in (dtype, param_dtype))
     _check_size(config, input_dim, num_outputs)
     model = MLP(
         widths=(*m.hidden, num_outputs),
         activation=m.activation,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=m.kernel_init,
         bias_init=m.bias_init,
     )
@@ -229,7 +313,16 @@ def make_problem(config, input_dim: int, num_outputs: int) -> Problem:
         tx = optax.apply_if_finite(
             tx, max_consecutive_errors=min(config.train.max_skipped + config.train.sync_every, 2**31 - 1)
         )
-    return Problem(model, tx, config.train.loss, input_dim)
+    t = config.train
+    return Problem(
+        model,
+        tx,
+        t.loss,
+        input_dim,
+        accumulate=t.accumulate,
+        loss_scale=float(m.loss_scale) if jnp.dtype(dtype) == jnp.float16 else 1.0,
+        matmul_precision=None if t.matmul_precision == "default" else t.matmul_precision,
+    )
 
 
 def _check_size(config, input_dim: int, num_outputs: int) -> None:
@@ -238,7 +331,7 @@ def _check_size(config, input_dim: int, num_outputs: int) -> None:
     m = config.model
     widths = (input_dim, *m.hidden, num_outputs)
     count = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
-    nbytes = count * np.dtype(resolve_param_dtype(m.dtype, m.param_dtype)).itemsize
+    nbytes = count * np.dtype(precision_policy(m)[1]).itemsize
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

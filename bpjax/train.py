@@ -31,7 +31,9 @@ from bpjax import data as data_lib
 from bpjax import distributed, faults, tracking
 from bpjax.checkpoint import CHECKPOINTS, Checkpointer
 from bpjax.config import seeds
+from bpjax.devices import describe as describe_devices
 from bpjax.errors import Interrupted, TrainingStopped, WriteFailed, quiet_stderr, warn
+from bpjax.feed import Feed
 from bpjax.metrics import MetricsLog, Progress, read_jsonl, write_json
 from bpjax.models import describe
 from bpjax.preflight import Output, Setup, check_output, prepare
@@ -235,6 +237,7 @@ class _Loop:
                 self.events.write(events_header(config, strategy))
         self.evaluate = make_evaluator(setup.problem, setup.dataset)
         self.rows = strategy.batch_rows(t.batch_size)
+        self.feed = Feed(setup.batches, strategy, self.k, self.rows, t.device_data)
         self.progress = Progress(
             t.steps, t.progress if self.leader else "off", desc=f"{config.name} [{strategy.name}]"
         )
@@ -283,9 +286,14 @@ class _Loop:
             self.restored if self.resume else strategy.init(jax.random.key(seeds(self.setup.config)["init"]))
         )
         self.restored = None
-        self.first_batch = strategy.shard_batch(self.setup.batches.stack(s, self.k, self.rows))
+        where = "on the device" if self.feed.on_device else "from the host, prefetched"
+        mesh = dict(strategy.mesh.shape) if strategy.mesh is not None else {}
+        for note in self.setup.notes:
+            self.progress.note(f"bpjax: {note}")
+        devices = describe_devices(strategy.devices)
+        self.progress.note(f"bpjax: {devices}; {strategy.name} over {mesh}; batches {where}")
         compile_start = time.perf_counter()
-        step_fn = strategy.step.lower(state, self.first_batch).compile()
+        step_fn, self.first_batch = self.feed.compile(strategy.step, state, s // self.k)
         self.compile_seconds = time.perf_counter() - compile_start
         self.progress.advance(s)
         self.chunk_start = time.perf_counter()  # since the last sync
@@ -294,7 +302,7 @@ class _Loop:
     def batch(self, call: int):
         if call == self.start_step // self.k:
             return self.first_batch
-        return self.setup.strategy.shard_batch(self.setup.batches.stack(call * self.k, self.k, self.rows))
+        return self.feed(call)
 
     def dispatched(self, call: int, metrics) -> int:
         """Note a call in flight; returns the steps done once it completes."""
@@ -533,6 +541,7 @@ class _Loop:
 
     def close(self) -> None:
         self.progress.close()
+        self.feed.close()
         try:
             # After a failure, whatever else fails while shutting down (a full disk again, orbax's
             # failed background save) is a consequence: the first error is the one to report.
@@ -594,6 +603,7 @@ class _Loop:
             / max(self.train_seconds - self.resumed_seconds, 1e-9),
             "compile_seconds": self.compile_seconds,
             "wall_seconds": time.perf_counter() - self.wall_start,
+            "device_data": self.feed.on_device,
             "backend": jax.default_backend(),
             "jax_version": jax.__version__,
         }

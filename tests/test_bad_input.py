@@ -589,6 +589,35 @@ CASES = {
         sets("parallel.strategy=pipeline", "parallel.mesh.stage=3", "parallel.microbatches=5"),
         "train.batch_size=128 is not divisible by parallel.microbatches=5",
     ),
+    # Gradient accumulation and mixed precision (docs/gpu.md).
+    "accumulate 0": (sets("train.accumulate=0"), "train.accumulate=0 must be >= 1"),
+    "accumulate vs batch": (
+        sets("train.accumulate=3"),
+        "train.accumulate=3 does not divide train.batch_size=128",
+    ),
+    "accumulate vs device share": (
+        sets("train.accumulate=32"),
+        "train.accumulate=32 does not divide the 16 examples each of 8 data-parallel devices",
+    ),
+    "accumulate pipeline": (
+        sets("parallel.strategy=pipeline", "parallel.mesh.stage=3", "train.accumulate=2"),
+        "pipeline cannot accumulate gradients (train.accumulate=2); a pipeline already sums",
+    ),
+    "fp16 pipeline": (
+        sets("parallel.strategy=pipeline", "parallel.mesh.stage=3", "model.precision=fp16"),
+        "pipeline computes its gradients its own way, without the loss scaling float16 needs",
+    ),
+    "precision and dtype": (
+        sets("model.precision=bf16", "model.dtype=float16"),
+        "model.precision=bf16 sets the compute and parameter dtypes itself",
+    ),
+    "unknown precision": (sets("model.precision=tf32"), "model.precision='tf32' is not known"),
+    "loss scale below 1": (sets("model.loss_scale=0.5"), "model.loss_scale=0.5 must be >= 1"),
+    "matmul precision": (
+        sets("train.matmul_precision=fastest"),
+        "train.matmul_precision='fastest' is not known",
+    ),
+    "device data": (sets("train.device_data=yes"), "train.device_data='yes' is not known"),
     # XLA_FLAGS device counts XLA would crash on, refused before JAX starts.
     "device flag not a number": (
         "env XLA_FLAGS=--xla_force_host_platform_device_count=abc",

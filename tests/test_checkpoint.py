@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -373,3 +374,24 @@ def test_nonfinite_skip_skips_those_steps(root, spiky):
     assert result.summary["nonfinite_steps"] == len(bad) > 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result.state.params))
     assert result.summary["final_train_loss"] is not None
+
+
+def test_checkpoints_record_the_dtypes_a_precision_resolves_to():
+    from bpjax.checkpoint import _resolved
+
+    def model(**keys):
+        c = cfg_lib.default()
+        for key, value in keys.items():
+            c.model[key] = value
+        return _resolved(c)["model"]
+
+    # A config from before model.precision and model.loss_scale existed records the same model.
+    old = cfg_lib.default().to_dict()
+    del old["model"]["precision"], old["model"]["loss_scale"]
+    assert _resolved(ml_collections.ConfigDict(old))["model"] == model()
+    assert "precision" not in model() and "loss_scale" not in model()
+    assert model() == model(precision="fp32")
+    assert model(precision="bf16") == model(dtype="bfloat16")
+    assert model(precision="fp16")["loss_scale"] == 1024.0
+    assert model(precision="fp16", loss_scale=8.0) != model(precision="fp16")
+    assert model(loss_scale=8.0) == model()  # unused without float16

@@ -42,8 +42,11 @@ def test_bpjax_run_writes_config_metrics_summary(root, tmp_path):
     assert {"step", "train_loss", "eval_loss", "eval_accuracy", "samples_per_second"} <= set(rows[-1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["steps"] == 10 and config["parallel"]["strategy"] == "dp"
-    # Not a terminal: plain lines, no progress bar.
+    # Not a terminal: plain lines, no progress bar; first, on stderr, what runs where.
     assert "step 5/10  loss" in out.stdout
+    assert (
+        out.stderr.startswith("bpjax: cpu backend (jax ") and "8 of 8 devices (cpu x8); dp over" in out.stderr
+    )
 
 
 def test_experiment_file_runs_itself(root, tmp_path):

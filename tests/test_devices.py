@@ -5,10 +5,14 @@ import sys
 import jax
 import pytest
 
+from bpjax import config as cfg_lib
 from bpjax.devices import (
+    describe,
+    fit_mesh,
     forced_cpu_devices,
     make_mesh,
     resolve_mesh_shape,
+    use_accelerators,
     use_cpu_devices,
     without_forced_cpu_devices,
 )
@@ -91,3 +95,36 @@ def test_an_explicit_device_flag_wins_in_a_fresh_process(root, tmp_path):
     assert error.startswith("error: parallel.mesh {'data': 8} needs 8 devices but 6 are present"), error
     assert f"set {FLAG}=8 in XLA_FLAGS" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_simulated_mesh_fits_the_accelerators_present():
+    assert fit_mesh({"data": 8}, 8) == {"data": 8}
+    assert fit_mesh({"data": 8}, 1) == {"data": 1}
+    assert fit_mesh({"data": 8}, 4) == {"data": 4}
+    assert fit_mesh({"stage": 3}, 8) == {"stage": 3}  # fits: 3 of the 8
+    assert fit_mesh({"stage": 3}, 2) == {"stage": 1}
+    assert fit_mesh({"data": 2, "model": 4}, 2) == {"data": 2, "model": 1}
+    assert fit_mesh({"data": 2, "model": 4}, 4) == {"data": 2, "model": 2}
+    assert fit_mesh({"data": 3, "model": -1}, 4) == {"data": 1, "model": -1}
+    assert fit_mesh({"data": -1}, 1) == {"data": -1}
+
+
+def test_cpu_devices_give_way_to_accelerators(monkeypatch):
+    c = cfg_lib.default()
+    c.parallel.cpu_devices, c.parallel.mesh = 8, {"data": 2, "model": 4}
+    assert use_accelerators(c) is None  # on the CPU the simulated devices are used as asked
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [jax.local_devices()[0]] * 2)
+    note = use_accelerators(c)
+    assert dict(c.parallel.mesh) == {"data": 2, "model": 1}
+    assert note == (
+        "parallel.cpu_devices=8 simulates CPU devices; on 2 gpu device(s) parallel.mesh "
+        "{'data': 2, 'model': 4} becomes {'data': 2, 'model': 1}"
+    )
+    c.parallel.cpu_devices = 0  # a config written for the accelerators themselves is left alone
+    c.parallel.mesh = {"data": 4}
+    assert use_accelerators(c) is None and dict(c.parallel.mesh) == {"data": 4}
+
+
+def test_describe_names_backend_and_devices():
+    assert describe(jax.devices()[:2]) == f"cpu backend (jax {jax.__version__}): 2 of 8 devices (cpu x2)"

@@ -2,7 +2,8 @@
 
 For each strategy in the registry and each of its mesh settings (including the degenerate one, a mesh
 of size 1), over 6 steps: the initial state is bit-identical, and the per-step losses, the parameters
-and the optimizer state agree with ``single`` within rtol 1e-5 in fp32. ``single`` itself is checked
+and the optimizer state agree with ``single`` within rtol 1e-5 in fp32 at ``highest`` matmul precision
+(mixed precision is checked by its dtypes: tests/test_precision.py). ``single`` itself is checked
 against a hand-written Flax + Optax loop that shares no code with bpjax's step.
 """
 
@@ -45,6 +46,8 @@ def make_config(optimizer="adam", **parallel):
     # learning rate. eps=1e-6 keeps that below the tolerance; a wrong layout still misses by far more.
     c.optimizer.eps = 1e-6
     c.train.batch_size = 64
+    # Full float32 matmuls: on a GPU the default may use TF32, which is not the reference's arithmetic.
+    c.train.matmul_precision = "highest"
     for axis, size in parallel.items():
         c.parallel.mesh[axis] = size
     return c

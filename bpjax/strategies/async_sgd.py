@@ -96,7 +96,7 @@ def make(
         w = jax.lax.axis_index(AXIS)
         version = jnp.maximum(step - delays(step, w, s, random), 0)
         stale = jax.tree.map(lambda h: h[version % slots], history)
-        loss, grads = jax.value_and_grad(problem.loss_fn)(stale, batch)
+        loss, grads = problem.loss_and_grads(stale, batch)
         # Worker order is fixed, so the mean (and the run) is deterministic.
         return jax.lax.pmean((loss, grads), AXIS)
 

@@ -215,6 +215,12 @@ class Definition:
     )
     portable_checkpoints: bool = False
     shards_parameters: bool = False
+    # Takes its gradients through `Problem.loss_and_grads`, so that ``train.accumulate`` (microbatches)
+    # and float16 loss scaling (``model.precision=fp16``) apply; a strategy that computes gradients its
+    # own way says why not (``not_accumulating``), and the config refuses those settings in one line.
+    accumulates: bool = True
+    scales_loss: bool = True
+    not_accumulating: str = ""  # the fix, for the message, e.g. "raise parallel.microbatches instead"
     # Checks that read other config sections (e.g. the batch size against microbatches), made before
     # anything is built; own settings are validated from ``settings``.
     check: Callable[[Any], None] = lambda config: None
@@ -381,7 +387,7 @@ def worker_update(problem: Problem, step, params_1x, opt_1x, batch) -> tuple[Tra
     its copy ``[1, ...]`` of the parameters and optimizer state, the gradient of the loss on its shard
     of the batch, no communication. Returns the worker's new TrainState (unstacked) and its loss."""
     params, opt_state = jax.tree.map(lambda x: x[0], (params_1x, opt_1x))
-    loss, grads = jax.value_and_grad(problem.loss_fn)(params, batch)
+    loss, grads = problem.loss_and_grads(params, batch)
     return problem.apply_gradients(TrainState(step, params, opt_state), grads), loss
 
 

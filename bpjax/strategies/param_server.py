@@ -114,7 +114,7 @@ def make(
     )
 
     def worker(step, cache, accum_1x, batch):
-        loss, grads = jax.value_and_grad(problem.loss_fn)(cache, batch)
+        loss, grads = problem.loss_and_grads(cache, batch)
         accum = jax.tree.map(lambda a, g: a[0] + g, accum_1x, grads)
         push = (step + 1) % n_push == 0
 

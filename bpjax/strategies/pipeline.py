@@ -872,6 +872,13 @@ DEFINITION = Definition(
     multi_process=True,
     portable_checkpoints=True,
     shards_parameters=True,
+    # Its engines take the weight gradients stage by stage (GPipe's scan, the schedules' own backward):
+    # a pipeline already accumulates over its microbatches, and its 1f1b-family schedules bound the
+    # activations in memory by the stage count whatever their number.
+    accumulates=False,
+    scales_loss=False,
+    not_accumulating="a pipeline already sums its microbatches' gradients: raise parallel.microbatches "
+    "instead (with parallel.schedule=1f1b its activation memory stays bounded)",
     check=check,
     # The chosen schedule's table, forwards and backwards: the microbatch each device runs per tick.
     timeline=lambda settings, num_devices: _table(settings, num_devices).grid(),

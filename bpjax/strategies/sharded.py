@@ -95,7 +95,7 @@ def gathered_step(problem: Problem, mesh: jax.sharding.Mesh, specs, axis: str):
     def loss_and_grads(params, batch):
         batch_spec = {k: jax.P(axis) for k in batch}
         return jax.shard_map(
-            jax.value_and_grad(local_loss),
+            lambda p, b: problem.loss_and_grads(p, b, local_loss),
             mesh=mesh,
             in_specs=(manual, batch_spec),
             out_specs=(jax.P(), manual),

@@ -220,7 +220,7 @@ class _Programs:
         self.devices, self.server = tuple(devices), devices[0]
         on = lambda tree, d: jax.device_put(tree, d)  # noqa: E731
         one = jax.tree.map(lambda x: x[0], batch)
-        grad = jax.jit(jax.value_and_grad(problem.loss_fn))
+        grad = jax.jit(problem.loss_and_grads)  # with train.accumulate's microbatches, as every strategy
         self.grad = [grad.lower(on(state.params, d), on(one, d)).compile() for d in self.devices]
         # The server keeps every version it made (no donation): a version a worker is still copying
         # stays valid, and a replay can read old versions.
