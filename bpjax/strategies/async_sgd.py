@@ -72,12 +72,18 @@ def make(
     stragglers: dict,
     replay: str,
 ) -> Strategy:
-    if execution == "threads":
-        return threaded.make_threads(
-            problem, mesh, name="async", staleness=staleness, fetch_every=1, stragglers=stragglers
-        )
-    if replay:
-        return threaded.make_replay(problem, mesh, name="async", path=replay)
+    real = threaded.host_driven(
+        problem,
+        mesh,
+        name="async",
+        execution=execution,
+        replay=replay,
+        staleness=staleness,
+        fetch_every=1,  # a worker fetches the parameters before every batch
+        stragglers=stragglers,
+    )
+    if real is not None:
+        return real
     if staleness < 0:  # also for callers that build it without validating the whole config
         raise UserError(threaded.UNBOUNDED)
     s, random = staleness, random_staleness

@@ -69,19 +69,20 @@ def make(
     stragglers: dict,
     replay: str,
 ) -> Strategy:
-    if execution == "threads":
-        # Every push is one update of one batch (n_push = 1, checked); a worker's cache is refreshed
-        # every n_fetch of its batches.
-        return threaded.make_threads(
-            problem,
-            mesh,
-            name="param_server",
-            staleness=staleness,
-            fetch_every=n_fetch,
-            stragglers=stragglers,
-        )
-    if replay:
-        return threaded.make_replay(problem, mesh, name="param_server", path=replay)
+    # In threads execution every push is one update of one batch (n_push = 1, checked); a worker's
+    # cached copy is refreshed every n_fetch of its batches.
+    real = threaded.host_driven(
+        problem,
+        mesh,
+        name="param_server",
+        execution=execution,
+        replay=replay,
+        staleness=staleness,
+        fetch_every=n_fetch,
+        stragglers=stragglers,
+    )
+    if real is not None:
+        return real
     mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), "param_server"))
     W = mesh.shape[AXIS]
     named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731

@@ -322,6 +322,27 @@ def _metrics(losses, stale, events) -> dict:
 # ------------------------------------------------------------------------------------ threads run
 
 
+def host_driven(
+    problem: Problem,
+    mesh: dict,
+    *,
+    name: str,
+    execution: str,
+    replay: str,
+    staleness: int,
+    fetch_every: int,
+    stragglers: Mapping,
+) -> Strategy | None:
+    """The threads run or the replay that these settings ask for; None: the strategy's own simulation."""
+    if execution == "threads":
+        return make_threads(
+            problem, mesh, name=name, staleness=staleness, fetch_every=fetch_every, stragglers=stragglers
+        )
+    if replay:
+        return make_replay(problem, mesh, name=name, path=replay)
+    return None
+
+
 def make_threads(
     problem: Problem,
     mesh: dict,
