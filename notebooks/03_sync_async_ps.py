@@ -126,6 +126,7 @@ OVERRIDES = [
     "train.log_every=100" if not QUICK else "train.log_every=50",
     "train.steps_per_call=100" if not QUICK else "train.steps_per_call=50",
     "train.progress=off",
+    *(["parallel.mesh.data=4"] if QUICK else []),  # the tests: 4 workers, half the programs to compile
 ]
 real = compare([STUDY], OVERRIDES, STRAGGLERS, target_loss=0.5)
 display(Markdown((STRAGGLERS / "comparison.md").read_text()))
