@@ -152,11 +152,11 @@ print(f"replayed {UPDATES} updates: every logged loss equal, final {recorded[-1]
 # %% [markdown]
 # ## Reading the real runs
 #
-# Measured on the full study (2000 updates each, `bpjax compare experiments/study_stragglers.py`, 2
-# CPU cores shared with other work, 2026-12-03, jax 0.10.2): the synchronous run waits for the
-# straggler at every clock and took 4.8 s of training; SSP with s = 1 and 4 took 4.4 s (a persistent
-# straggler still paces them once they are s batches ahead); the fully asynchronous run took 2.9 s and
-# the parameter server (fetching every 4 batches) 3.2 s. They pay in staleness: their updates were 6.6
-# and 16.8 versions old on average against 3.1 for the synchronous run, and with momentum 0.9 and
-# learning rate 0.05 both diverged (test accuracy 0.14 and 0.12 against 0.68), the instability that
-# the bound exists to prevent: faster, but possibly unstable, as the seed document says.
+# Measured on the full study (2000 updates each, `python benchmarks/render_notebooks.py`, 2 CPU
+# cores, 2026-12-03, jax 0.10.2; the table above): the synchronous run waits for the straggler at
+# every clock and took 5.4 s of training to reach test accuracy 0.70; SSP with s = 1 took 4.6 s
+# (accuracy 0.70) and s = 4 took 4.0 s (0.59); the fully asynchronous run took 3.6 s and the parameter
+# server (fetching every 4 batches) 2.7 s. Staleness is what they pay: with momentum 0.9 and learning
+# rate 0.05 the unbounded runs barely learn or diverge (test accuracy 0.45 and 0.10), the instability
+# the bound exists to prevent. Faster, but possibly unstable, as the seed document says. Timings vary
+# from run to run on shared cores; `benchmarks/async_stragglers.py` measures them as ratios.
