@@ -250,8 +250,9 @@ class HostStep:
     ``step.lower(state, batch).compile()`` compiles every program up front and returns the runner;
     calling ``step(state, batch)`` directly compiles on first use."""
 
-    def __init__(self, build: Callable[[_Programs], Callable]):
-        self._build = build
+    def __init__(self, problem: Problem, devices, make_run: Callable[[_Programs], Callable]):
+        # make_run(programs) -> run(state, batch) -> (state, losses, staleness, events) for K updates
+        self._problem, self._devices, self._make_run = problem, tuple(devices), make_run
         self._runner = None
 
     def lower(self, state, batch):
@@ -270,19 +271,30 @@ class _Lowered:
     def compile(self):
         s = self.step
         if s._runner is None:
-            s._runner = s._build(*self.args)
+            programs = _Programs(s._problem, s._devices, *self.args)
+            s._runner = _Runner(programs, s._make_run(programs))
         return s._runner
 
 
 class _Runner:
     """A compiled host step: callable, and answers ``as_text``/``memory_analysis`` like a compiled
-    program (``bpjax plan --compiled`` reads the worker's and the server's programs)."""
+    program (``bpjax plan --compiled`` reads the worker's and the server's programs). Its metrics:
+    each update's loss and staleness, and the events (the trace's lines, each with its loss)."""
 
     def __init__(self, programs: _Programs, run: Callable):
         self.programs, self.run = programs, run
 
     def __call__(self, state, batch):
-        return self.run(state, batch)
+        state, losses, stale, events = self.run(state, batch)
+        losses = [float(x) for x in jax.device_get(losses)]
+        for e, loss in zip(events, losses, strict=True):
+            e["loss"] = loss
+        metrics = {
+            "loss": np.asarray(losses, np.float32),
+            "staleness": np.asarray(stale, np.float32),
+            "events": events,
+        }
+        return state, metrics
 
     def as_text(self) -> str:
         return self.programs.as_text()
@@ -309,14 +321,6 @@ def _host_strategy(name: str, layout: str, problem: Problem, mesh, step: HostSte
         mesh=mesh,
         events=EVENTS,
     )
-
-
-def _metrics(losses, stale, events) -> dict:
-    return {
-        "loss": np.asarray(losses, np.float32),
-        "staleness": np.asarray(stale, np.float32),
-        "events": events,
-    }
 
 
 # ------------------------------------------------------------------------------------ threads run
@@ -359,13 +363,8 @@ def make_threads(
     slow = stragglers_of(stragglers, W)
     bound = None if staleness == -1 else staleness
 
-    def build(state, batch):
-        programs = _Programs(problem, mesh.devices.flat, state, batch)
-
-        def run(state: TrainState, batch):
-            return _Call(programs, state, batch, W, bound, fetch_every, slow).run()
-
-        return _Runner(programs, run)
+    def make_run(programs: _Programs):
+        return lambda state, batch: _Call(programs, state, batch, W, bound, fetch_every, slow).run()
 
     s = "unbounded" if bound is None else f"<= {bound}"
     fetch = "before every batch" if fetch_every == 1 else f"every {fetch_every} batches"
@@ -373,7 +372,7 @@ def make_threads(
         f"server W[D, F] on device 0; {W} worker threads In[B, D] · W_(v_w)[D, F], fetched {fetch}; "
         f"SSP staleness {s}"
     )
-    return _host_strategy(name, layout, problem, mesh, HostStep(build))
+    return _host_strategy(name, layout, problem, mesh, HostStep(problem, mesh.devices.flat, make_run))
 
 
 class _Call:
@@ -400,10 +399,7 @@ class _Call:
             t.join()
         if self.error is not None:
             raise self.error
-        losses = [float(x) for x in jax.device_get(self.losses)]
-        for e, loss in zip(self.events, losses, strict=True):
-            e["loss"] = loss
-        return self.state, _metrics(losses, self.stale, self.events)
+        return self.state, self.losses, self.stale, self.events
 
     def _may_start(self, w: int) -> bool:
         return self.bound is None or self.clock[w] - min(self.clock) <= self.bound
@@ -462,9 +458,7 @@ def make_replay(problem: Problem, mesh: dict, *, name: str, path: str) -> Strate
     mesh = make_mesh(mesh_axes(dict(mesh), (AXIS,), name))
     header, updates = read_trace(path)
 
-    def build(state, batch):
-        programs = _Programs(problem, mesh.devices.flat, state, batch)
-
+    def make_run(programs: _Programs):
         def run(state: TrainState, batch):
             K = jax.tree.leaves(batch)[0].shape[0]
             start = int(state.step)
@@ -490,15 +484,12 @@ def make_replay(problem: Problem, mesh: dict, *, name: str, path: str) -> Strate
                 events.append(
                     {k: u[k] for k in ("step", "worker", "batch", "read")} | {"staleness": stale[-1]}
                 )
-            losses = [float(x) for x in jax.device_get(losses)]
-            for e, loss in zip(events, losses, strict=True):
-                e["loss"] = loss
-            return state, _metrics(losses, stale, events)
+            return state, losses, stale, events
 
-        return _Runner(programs, run)
+        return run
 
     layout = f"replay of {len(updates)} recorded updates from {header.get('workers', '?')} workers, in order"
-    return _host_strategy(name, layout, problem, mesh, HostStep(build))
+    return _host_strategy(name, layout, problem, mesh, HostStep(problem, mesh.devices.flat, make_run))
 
 
 def cost(inp: CostInput) -> Cost:
